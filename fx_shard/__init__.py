@@ -1,0 +1,31 @@
+"""fx_shard: tensor parallelism for PyTorch models on XLA devices, as a torch.fx pass.
+
+Importing fx_shard does not start the XLA runtime; ``make_mesh``,
+``xla_device`` and ``shard`` do.
+"""
+
+from fx_shard.api import shard, shard_model, transform
+from fx_shard.errors import CaptureError, FxShardError, PlanError
+from fx_shard.plan import STYLES, LayerPlan, ShardPlan
+from fx_shard.report import report
+from fx_shard.sharding import SHARDING_KEY, ModelSharding, ShardingRecord
+from fx_shard.xla import init_runtime, make_mesh, xla_device
+
+__all__ = [
+    "STYLES",
+    "SHARDING_KEY",
+    "CaptureError",
+    "FxShardError",
+    "LayerPlan",
+    "ModelSharding",
+    "PlanError",
+    "ShardPlan",
+    "ShardingRecord",
+    "init_runtime",
+    "make_mesh",
+    "report",
+    "shard",
+    "shard_model",
+    "transform",
+    "xla_device",
+]

@@ -1,0 +1,71 @@
+"""The sharding record fx_shard keeps in ``node.meta["sharding"]``.
+
+A ``call_module`` node that owns parameters carries one ``ShardingRecord``:
+its style, a partition spec per parameter over named mesh axes, and the rule
+that chose it. ``gm.meta["sharding"]`` carries the model-wide ``ModelSharding``
+(mesh shape, tensor-parallel axis). Nothing else in the graph holds sharding
+state, so passes, materialization and the report all read from here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+__all__ = [
+    "SHARDING_KEY",
+    "ModelSharding",
+    "ShardingRecord",
+    "Spec",
+    "local_shape",
+    "sharding_of",
+]
+
+SHARDING_KEY = "sharding"
+
+# A partition spec: one entry per tensor dimension, a mesh axis name or None.
+Spec = tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class ShardingRecord:
+    """How one layer is sharded.
+
+    ``specs`` maps a parameter name of the module (``"weight"``, ``"bias"``)
+    to its partition spec; a parameter absent from it is replicated.
+    ``output_sizes`` is the fused layout for ``qkv`` / ``merged_colwise``;
+    ``part_of`` names the fused module a split part came from.
+    """
+
+    style: str
+    specs: Mapping[str, Spec]
+    source: str
+    output_sizes: tuple[int, ...] = ()
+    part_of: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSharding:
+    """Model-wide facts: the mesh the plan was made for and its tensor-parallel axis."""
+
+    mesh_shape: Mapping[str, int]
+    tp_axis: str
+    passes: tuple[str, ...] = field(default=())
+
+
+def sharding_of(node: fx.Node) -> ShardingRecord | None:
+    """The record of ``node``, or None."""
+    return node.meta.get(SHARDING_KEY)
+
+
+def local_shape(shape: torch.Size | tuple[int, ...], spec: Spec | None, mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
+    """Per-device shape of a tensor of ``shape`` sharded by ``spec`` (XLA pads uneven shards)."""
+    if spec is None:
+        return tuple(shape)
+    return tuple(
+        size if axis is None else math.ceil(size / mesh_shape[axis]) for size, axis in zip(shape, spec)
+    )

@@ -1,0 +1,148 @@
+"""Everything that touches torch_xla: runtime set-up, meshes, materialization.
+
+Only this module imports torch_xla, and only inside functions, so capture,
+planning and the passes run without it.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import torch
+from torch import fx
+
+from fx_shard.errors import FxShardError, PlanError
+from fx_shard.sharding import SHARDING_KEY
+
+__all__ = ["init_runtime", "make_mesh", "materialize", "mesh_shape_of", "xla_device"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_DEVICES = 8
+
+
+def _torch_xla():
+    try:
+        import torch_xla
+        import torch_xla.distributed.spmd  # noqa: F401
+        import torch_xla.runtime  # noqa: F401
+    except ImportError as e:
+        raise FxShardError(
+            "materializing on an XLA device needs torch_xla; install it with "
+            "`pip install torch==2.9.0 torch_xla==2.9.0` (or use fx_shard.transform, which needs no XLA)"
+        ) from e
+    return torch_xla
+
+
+def init_runtime(num_devices: int | None = None) -> int:
+    """Start the XLA runtime in SPMD mode and return its device count.
+
+    With no ``PJRT_DEVICE`` set and no TPU attached, choose torch_xla's CPU
+    backend with ``num_devices`` virtual devices (default 8). The device count
+    is fixed once the runtime starts: a later call asking for another count
+    raises rather than silently using the first.
+    """
+    if "PJRT_DEVICE" not in os.environ and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+        os.environ["PJRT_DEVICE"] = "CPU"
+        os.environ.setdefault("CPU_NUM_DEVICES", str(num_devices or DEFAULT_CPU_DEVICES))
+    torch_xla = _torch_xla()
+    xr = torch_xla.runtime
+    if not xr.is_spmd():
+        xr.use_spmd()
+    count = xr.global_runtime_device_count()
+    if num_devices is not None and num_devices != count:
+        raise FxShardError(
+            f"the XLA runtime of this process has {count} devices, not {num_devices}; the count is read once "
+            f"when the runtime starts (CPU_NUM_DEVICES={os.environ.get('CPU_NUM_DEVICES')}): "
+            "start a new process for another size"
+        )
+    return count
+
+
+def xla_device() -> torch.device:
+    """The XLA device (SPMD's single logical device), starting the runtime if needed."""
+    init_runtime()
+    return _torch_xla().device()
+
+
+def make_mesh(tp: int | None = None, *, dp: int = 1):
+    """A mesh over all XLA devices: axes ``("tp",)``, or ``("dp", "tp")`` when ``dp > 1``."""
+    import numpy as np
+
+    count = init_runtime()
+    xs = _torch_xla().distributed.spmd
+    tp = tp if tp is not None else count // dp
+    if dp * tp != count:
+        raise PlanError(
+            f"mesh dp={dp} x tp={tp} covers {dp * tp} devices, but this process has {count}; "
+            f"a mesh must cover every device: choose dp * tp == {count}"
+        )
+    if dp > 1:
+        return xs.Mesh(np.arange(count), (dp, tp), ("dp", "tp"))
+    return xs.Mesh(np.arange(count), (tp,), ("tp",))
+
+
+def mesh_shape_of(mesh) -> dict[str, int]:
+    """``{axis name: size}`` of an ``xs.Mesh`` (or ``HybridMesh``)."""
+    names = getattr(mesh, "axis_names", None)
+    shape = getattr(mesh, "mesh_shape", None)
+    if shape is None:
+        raise PlanError(f"{mesh!r} is not a torch_xla mesh; build one with fx_shard.make_mesh or xs.Mesh")
+    if names is None:
+        raise PlanError(
+            f"the mesh of shape {tuple(shape)} has no axis names; build it with axis_names, "
+            "e.g. xs.Mesh(ids, shape, ('tp',)), so plans can name axes"
+        )
+    return dict(zip(names, shape))
+
+
+def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
+    """Move ``gm`` to the XLA device and shard each parameter as its node's record says.
+
+    A parameter shared by several layers (tied embeddings) is marked once;
+    two records asking different specs for it is an error.
+    """
+    xs = _torch_xla().distributed.spmd
+    _move_keeping_ties(gm, xla_device())
+    for param, spec, owner in _param_specs(gm).values():
+        xs.mark_sharding(param, mesh, spec)
+        logger.debug("%s: %s", owner, spec)
+    return gm
+
+
+def _move_keeping_ties(module: torch.nn.Module, device: torch.device) -> None:
+    # Module.to() makes a new Parameter per owner for XLA, so a tied weight would become two copies.
+    moved: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, tensor in table.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in moved:
+                    data = tensor.detach().to(device)
+                    is_param = isinstance(tensor, torch.nn.Parameter)
+                    moved[id(tensor)] = torch.nn.Parameter(data, tensor.requires_grad) if is_param else data
+                table[name] = moved[id(tensor)]
+
+
+def _param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple, str]]:
+    """Each sharded parameter once, by identity, with its spec and owning parameter name."""
+    specs: dict[int, tuple[torch.nn.Parameter, tuple, str]] = {}
+    for node in gm.graph.find_nodes(op="call_module"):
+        record = node.meta.get(SHARDING_KEY)
+        if record is None:
+            continue
+        module = gm.get_submodule(node.target)
+        for name, spec in record.specs.items():
+            param = getattr(module, name)
+            owner = f"{node.target}.{name}"
+            seen = specs.get(id(param))
+            if seen is not None and seen[1] != spec:
+                raise PlanError(
+                    f"{owner} is the same tensor as {seen[2]} but the plan shards it {spec} there and "
+                    f"{seen[1]} here; give both layers styles that agree (e.g. 'vocab' and 'lm_head')"
+                )
+            specs[id(param)] = (param, spec, owner)
+    return specs
+

@@ -1,0 +1,6 @@
+"""fx_shard's graph passes, one concern per file (installed as ``fx_shard.passes``)."""
+
+from fx_shard.passes.annotate_sharding import AnnotateSharding
+from fx_shard.passes.split_fused_linear import SplitFusedLinear
+
+__all__ = ["AnnotateSharding", "SplitFusedLinear"]

@@ -1,0 +1,10 @@
+"""Shared test set-up.
+
+Tests under ``tests/spmd`` need an XLA runtime with a fixed device count, so
+this process never starts one: ``test_spmd.py`` runs that folder in a child
+pytest per mesh size (2, 4, 8), with ``FX_SHARD_DEVICES`` set.
+"""
+
+import os
+
+collect_ignore = [] if os.environ.get("FX_SHARD_DEVICES") else ["spmd"]
