@@ -1,0 +1,36 @@
+"""The README's commands: the main job runs and agrees with the unsharded model; CI runs the test command."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def readme_commands() -> list[str]:
+    return re.findall(r"^\s*(pip install .+)$", (ROOT / "README.md").read_text(), flags=re.M)[:2]
+
+
+def test_ci_runs_the_readme_test_command():
+    main_job, tests = readme_commands()
+    assert main_job.endswith("fx-shard demo")
+    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+@pytest.mark.parametrize(("model", "devices"), [("llama", 8), ("gpt2", 2)])
+def test_demo_agrees_with_unsharded(model, devices):
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES", "FX_SHARD_DEVICES")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fx_shard.cli", "demo", "--model", model, "--devices", str(devices)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert f"{model}: sharded over {devices} XLA devices" in out
+    assert "(within 1e-05)" in out
+    layer = "model.layers.0.self_attn.q_proj" if model == "llama" else "transformer.h.0.attn.c_attn.q"
+    assert re.search(rf"^{re.escape(layer)}\s+colwise\s", out, flags=re.M), out
