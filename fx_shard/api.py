@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fx_shard.capture import capture, linear_like_modules
+from fx_shard.capture import capture, linear_like_modules, propagate_shapes
 from fx_shard.layers import SplitLinear, class_style
-from fx_shard.passes import AnnotateSharding, SplitFusedLinear
+from fx_shard.passes import AnnotateSharding, AttentionToEinsum, RewireFusedConsumers, SplitFusedLinear
 from fx_shard.plan import ShardPlan, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, ModelSharding
 from fx_shard.xla import materialize, mesh_shape_of
@@ -27,28 +27,41 @@ def transform(
     *,
     mesh_shape: Mapping[str, int],
     tp_axis: str | None = None,
+    example_inputs: tuple | None = None,
 ) -> fx.GraphModule:
     """Capture, plan and rewrite ``model`` for a mesh of ``mesh_shape``; no XLA needed.
 
     Works on any device, ``meta`` included (nothing is allocated). The caller's
     model is left as it was: the graph is built over a deep copy.
+    ``example_inputs`` (a tuple of positional inputs) give the passes tensor
+    ranks and feature sizes, which some rewrites need (``qkv.split(d, dim=2)``
+    is a split of the last dimension only if the tensor is 3-D).
     """
     axis = resolve_tp_axis(mesh_shape, tp_axis)
     gm = capture(copy.deepcopy(model))
+    if example_inputs is not None:
+        propagate_shapes(gm, example_inputs)
     records = ShardPlan.coerce(plan).resolve(linear_like_modules(gm), mesh_shape, axis)
-    passes = [AnnotateSharding(records), SplitFusedLinear()]
+    passes = [AnnotateSharding(records), SplitFusedLinear(), RewireFusedConsumers(), AttentionToEinsum()]
     gm = PassManager(passes, run_checks_after_each_pass=True)(gm).graph_module
     gm.meta[SHARDING_KEY] = ModelSharding(dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes))
     return gm
 
 
-def shard(model: nn.Module, mesh, plan: ShardPlan | Mapping | None = None, *, tp_axis: str | None = None) -> fx.GraphModule:
+def shard(
+    model: nn.Module,
+    mesh,
+    plan: ShardPlan | Mapping | None = None,
+    *,
+    tp_axis: str | None = None,
+    example_inputs: tuple | None = None,
+) -> fx.GraphModule:
     """``transform`` for ``mesh``, then place the result on the XLA device, sharded.
 
     Returns a recompiled GraphModule computing ``model``'s function; run it
     eagerly under SPMD or hand it to ``torch.compile(..., backend="openxla")``.
     """
-    gm = transform(model, plan, mesh_shape=mesh_shape_of(mesh), tp_axis=tp_axis)
+    gm = transform(model, plan, mesh_shape=mesh_shape_of(mesh), tp_axis=tp_axis, example_inputs=example_inputs)
     return materialize(gm, mesh)
 
 

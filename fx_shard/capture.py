@@ -7,12 +7,16 @@ layers, ours, and their subclasses).
 
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 from fx_shard.errors import CaptureError
 from fx_shard.layers import class_style
 
-__all__ = ["LinearLeafTracer", "capture", "is_linear_like", "linear_like_modules"]
+__all__ = ["LinearLeafTracer", "capture", "is_linear_like", "linear_like_modules", "propagate_shapes"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -43,6 +47,22 @@ def capture(model: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _match_original_layout(model, gm)
     return gm
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Fill ``node.meta["tensor_meta"]`` by running ``gm`` on fake copies of ``example_inputs``.
+
+    Nothing is computed or allocated (fake tensors), so meta models work. The
+    passes use shapes only for what does not depend on the example's batch or
+    sequence length: ranks and feature sizes.
+    """
+    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t.to(device)), example_inputs)
+    try:
+        ShapeProp(gm, fake_mode=mode).propagate(*fake)
+    except Exception as e:
+        raise CaptureError(f"example_inputs do not run through {type(gm).__name__}: {e}") from e
 
 
 def linear_like_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:

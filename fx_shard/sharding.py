@@ -38,7 +38,8 @@ class ShardingRecord:
     ``specs`` maps a parameter name of the module (``"weight"``, ``"bias"``)
     to its partition spec; a parameter absent from it is replicated.
     ``output_sizes`` is the fused layout for ``qkv`` / ``merged_colwise``;
-    ``part_of`` names the fused module a split part came from.
+    ``part_of`` names the fused module a split part came from; ``notes`` are
+    what passes want the report to say about this layer.
     """
 
     style: str
@@ -46,6 +47,7 @@ class ShardingRecord:
     source: str
     output_sizes: tuple[int, ...] = ()
     part_of: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

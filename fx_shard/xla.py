@@ -9,13 +9,16 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
+import tempfile
+from pathlib import Path
 import torch
 from torch import fx
 
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.sharding import SHARDING_KEY
 
-__all__ = ["init_runtime", "make_mesh", "materialize", "mesh_shape_of", "xla_device"]
+__all__ = ["hlo_dump_dir", "init_runtime", "make_mesh", "materialize", "mesh_shape_of", "xla_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,9 @@ def init_runtime(num_devices: int | None = None) -> int:
     if "PJRT_DEVICE" not in os.environ and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
         os.environ["PJRT_DEVICE"] = "CPU"
         os.environ.setdefault("CPU_NUM_DEVICES", str(num_devices or DEFAULT_CPU_DEVICES))
+    if hlo_dump_dir() is None:
+        dump = tempfile.mkdtemp(prefix="fx_shard_hlo_")
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text".strip()
     torch_xla = _torch_xla()
     xr = torch_xla.runtime
     if not xr.is_spmd():
@@ -58,6 +64,12 @@ def init_runtime(num_devices: int | None = None) -> int:
             "start a new process for another size"
         )
     return count
+
+
+def hlo_dump_dir() -> Path | None:
+    """The directory ``XLA_FLAGS`` has XLA dump HLO text to, if any."""
+    match = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    return Path(match.group(1)) if match else None
 
 
 def xla_device() -> torch.device:

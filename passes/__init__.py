@@ -1,6 +1,8 @@
 """fx_shard's graph passes, one concern per file (installed as ``fx_shard.passes``)."""
 
 from fx_shard.passes.annotate_sharding import AnnotateSharding
+from fx_shard.passes.attention_to_einsum import AttentionToEinsum
+from fx_shard.passes.rewire_fused_consumers import RewireFusedConsumers
 from fx_shard.passes.split_fused_linear import SplitFusedLinear
 
-__all__ = ["AnnotateSharding", "SplitFusedLinear"]
+__all__ = ["AnnotateSharding", "AttentionToEinsum", "RewireFusedConsumers", "SplitFusedLinear"]

@@ -10,7 +10,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fx_shard.layers import SplitLinear
-from fx_shard.passes.utils import provenance, result, set_submodule
+from fx_shard.passes.utils import provenance, result, set_submodule, shape_meta
 from fx_shard.sharding import SHARDING_KEY, ShardingRecord, sharding_of
 
 __all__ = ["SplitFusedLinear", "part_names"]
@@ -81,6 +81,7 @@ class SplitFusedLinear(PassBase):
         if isinstance(joined, tuple):
             _replace_tuple_uses(graph, node, joined)
         else:
+            joined.meta.update(shape_meta(node))
             node.replace_all_uses_with(joined)
         graph.erase_node(node)
         for unused in reversed(created):
@@ -99,6 +100,8 @@ def _replace_tuple_uses(graph: fx.Graph, node: fx.Node, joined: tuple[fx.Node, f
     for user in list(node.users):
         if user.target is operator.getitem and isinstance(user.args[1], int):
             replacement = joined[user.args[1]]
+            if replacement is not None:
+                replacement.meta.update(shape_meta(user))
             for consumer in list(user.users):
                 consumer.args = fx.map_arg(consumer.args, lambda n: replacement if n is user else n)
                 consumer.kwargs = fx.map_arg(consumer.kwargs, lambda n: replacement if n is user else n)

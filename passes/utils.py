@@ -24,6 +24,21 @@ def provenance(node: fx.Node) -> dict:
     return {k: v for k, v in node.meta.items() if k not in SHAPE_KEYS and k != SHARDING_KEY}
 
 
+def shape_meta(node: fx.Node) -> dict:
+    """``node``'s shape facts, for a node that replaces it with the same value."""
+    return {k: node.meta[k] for k in SHAPE_KEYS if k in node.meta}
+
+
+def erase_if_dead(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` if nothing uses it and it is pure, then its inputs likewise."""
+    if node._erased or node.users or node.op in ("placeholder", "output") or node.is_impure():
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for n in inputs:
+        erase_if_dead(graph, n)
+
+
 def set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     """Install ``module`` at dotted path ``target`` in ``gm``."""
     owner, _, field = target.rpartition(".")

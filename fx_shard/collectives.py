@@ -1,0 +1,112 @@
+"""Collectives of one forward, read from the partitioned per-device HLO.
+
+``collectives(gm, *inputs)`` runs the forward once on the XLA device,
+compiles it, and counts what XLA's SPMD partitioner inserted (design.md: the
+pre-partition IR has no collectives, so the count comes from the HLO dump).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from fx_shard.errors import FxShardError
+from fx_shard.hlo import CollectiveStats, collectives_in, dump_snapshot, partitioned_modules, program_memory
+from fx_shard.xla import _torch_xla, hlo_dump_dir, xla_device
+
+__all__ = ["Collectives", "collectives", "device_parameter_bytes"]
+
+# Partitioned programs seen per graph hash, for graphs compiled before (no new dump).
+_PROGRAMS: dict[bytes, list[Path]] = {}
+
+
+@dataclass(frozen=True)
+class Collectives(Mapping[str, int]):
+    """Counts per collective (``counts["all-reduce"]``), with bytes and memory.
+
+    ``stats`` has count and per-device result bytes per op; ``memory_bytes``
+    is the per-device allocation total of the step's program(s) as XLA
+    reports it; ``parameter_bytes`` is what the parameters take on one device.
+    """
+
+    stats: Mapping[str, CollectiveStats]
+    memory_bytes: int | None
+    parameter_bytes: int
+    programs: tuple[str, ...]
+
+    def __getitem__(self, op: str) -> int:
+        return self.stats[op].count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stats)
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    @property
+    def bytes(self) -> dict[str, int]:
+        return {op: s.bytes for op, s in self.stats.items()}
+
+    def nonzero(self) -> dict[str, int]:
+        """Only the collectives that occur: ``{"all-reduce": 4}``."""
+        return {op: s.count for op, s in self.stats.items() if s.count}
+
+
+def collectives(model: nn.Module, *inputs, **kwargs) -> Collectives:
+    """Run ``model(*inputs, **kwargs)`` once on the XLA device and count its collectives.
+
+    Inputs are moved to the device (replicated). The forward runs without
+    gradients. Needs the HLO dump that ``fx_shard.init_runtime`` sets up
+    before the runtime starts.
+    """
+    torch_xla = _torch_xla()
+    dump = hlo_dump_dir()
+    if dump is None or "--xla_dump_hlo_as_text" not in os.environ.get("XLA_FLAGS", ""):
+        raise FxShardError(
+            "collectives() reads XLA's HLO dump, but XLA_FLAGS has no --xla_dump_to=DIR --xla_dump_hlo_as_text; "
+            "call fx_shard.init_runtime() (or set those flags) before the XLA runtime starts"
+        )
+    device = xla_device()
+    moved_args, moved_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), (inputs, kwargs))
+    with torch.no_grad():
+        output = model(*moved_args, **moved_kwargs)
+    tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
+    key = torch_xla._XLAC._get_graph_hash(tensors)
+    before = dump_snapshot(dump)
+    torch_xla._XLAC._xla_sync_multi(tensors, [], True, True)
+    files = partitioned_modules(dump, before)
+    if files:
+        _PROGRAMS[key] = files
+    elif key in _PROGRAMS:
+        files = _PROGRAMS[key]
+    else:
+        raise FxShardError(
+            f"{type(model).__name__}'s forward was compiled earlier in this process, outside collectives(), so "
+            "XLA wrote no HLO for it now; call fx_shard.collectives before the first run, or in a new process"
+        )
+    memory = [program_memory(dump, f) for f in files]
+    return Collectives(
+        stats=collectives_in(files),
+        memory_bytes=sum(m for m in memory if m is not None) if any(m is not None for m in memory) else None,
+        parameter_bytes=device_parameter_bytes(model),
+        programs=tuple(f.name for f in files),
+    )
+
+
+def device_parameter_bytes(model: nn.Module) -> int:
+    """Bytes the parameters of ``model`` take on one device, read from torch_xla's shards."""
+    torch_xla = _torch_xla()
+    total = 0
+    for param in {id(p): p for p in model.parameters()}.values():
+        if torch_xla._XLAC._get_xla_sharding_spec(param):
+            shard, _device = torch_xla._XLAC._get_local_shards([param])[0][0]
+            total += shard.numel() * param.element_size()
+        else:
+            total += param.numel() * param.element_size()
+    return total

@@ -1,0 +1,72 @@
+"""Partition-friendly forms of attention ops, called from rewritten graphs.
+
+torch_xla lowers ``F.scaled_dot_product_attention`` and 4-D ``matmul``
+through a reshape that merges batch and heads, which loses a heads sharding:
+XLA then all-gathers q, k and v. ``einsum`` with explicit batch letters
+lowers to a dot with batch dimensions and keeps heads sharded (measured,
+docs/measurements.md). Same numerics as the originals, in float32 to 1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["batched_matmul", "einsum_attention"]
+
+_LETTERS = "abcdefgh"
+
+
+def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``; as an einsum over explicit batch dims when both are at least 4-D of one rank."""
+    if a.dim() != b.dim() or a.dim() < 4:
+        return torch.matmul(a, b)
+    batch = _LETTERS[: a.dim() - 2]
+    return torch.einsum(f"{batch}ij,{batch}jk->{batch}ik", a, b)
+
+
+def einsum_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with the same arguments, as einsums.
+
+    Inputs are ``(batch, heads, seq, head_dim)``. With fewer k/v heads than
+    q heads (``enable_gqa``) q is viewed as ``(batch, kv_heads, group, seq,
+    head_dim)`` and k/v are never repeated.
+    """
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.size(-3), key.size(-2)
+    grouped = enable_gqa and kv_heads != heads
+    if grouped:
+        query = query.reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim)
+        scores = torch.einsum("bgrqd,bgkd->bgrqk", query, key)
+    else:
+        scores = torch.einsum("bhqd,bhkd->bhqk", query, key)
+    scores = scores * scale
+    if is_causal:
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if grouped:
+            attn_mask = attn_mask.unsqueeze(-3) if attn_mask.dim() >= 3 else attn_mask
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    if grouped:
+        out = torch.einsum("bgrqk,bgkd->bgrqd", probs, value)
+        return out.reshape(batch, heads, q_len, head_dim)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, value)
