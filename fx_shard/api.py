@@ -11,7 +11,13 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from fx_shard.capture import capture, linear_like_modules, propagate_shapes
 from fx_shard.layers import SplitLinear, class_style
-from fx_shard.passes import AnnotateSharding, AttentionToEinsum, RewireFusedConsumers, SplitFusedLinear
+from fx_shard.passes import (
+    AnnotateSharding,
+    AttentionToEinsum,
+    ReplicateIndivisibleHeads,
+    RewireFusedConsumers,
+    SplitFusedLinear,
+)
 from fx_shard.plan import ShardPlan, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, ModelSharding
 from fx_shard.xla import materialize, mesh_shape_of
@@ -42,7 +48,13 @@ def transform(
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs)
     records = ShardPlan.coerce(plan).resolve(linear_like_modules(gm), mesh_shape, axis)
-    passes = [AnnotateSharding(records), SplitFusedLinear(), RewireFusedConsumers(), AttentionToEinsum()]
+    passes = [
+        AnnotateSharding(records),
+        SplitFusedLinear(),
+        RewireFusedConsumers(),
+        ReplicateIndivisibleHeads(mesh_shape),
+        AttentionToEinsum(),
+    ]
     gm = PassManager(passes, run_checks_after_each_pass=True)(gm).graph_module
     gm.meta[SHARDING_KEY] = ModelSharding(dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes))
     return gm

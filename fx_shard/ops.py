@@ -58,7 +58,8 @@ def einsum_attention(
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         if grouped:
-            attn_mask = attn_mask.unsqueeze(-3) if attn_mask.dim() >= 3 else attn_mask
+            full = attn_mask.expand(batch, heads, q_len, kv_len)
+            attn_mask = full.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:

@@ -56,7 +56,7 @@ class RewireFusedConsumers(PassBase):
                 erase_if_dead(graph, cat)
                 continue
             kept = ", ".join(u.format_node() for u in cat.users)
-            note = f"the q/k/v concatenation stays: consumer not recognised ({kept})"
+            note = f"the concatenation of the parts stays: consumer not recognised ({kept})"
             for part in parts:
                 module_node = part if part.op == "call_module" else part.args[0]
                 record = sharding_of(module_node)
@@ -100,26 +100,41 @@ def _is_last_dim(dim, tensor: fx.Node) -> bool:
 
 
 def _static_int(value, cat: fx.Node, total: int) -> int | None:
-    """An int, or a node computing one from ``cat``'s feature size (``x.shape[-1] // 2``)."""
+    """An int, or a node computing one from feature sizes (``x.shape[-1] // 2``).
+
+    Only last dimensions are read: they are the model's feature sizes, while
+    the others (batch, sequence) belong to the example inputs.
+    """
     if isinstance(value, int):
         return value
     if not isinstance(value, fx.Node):
         return None
+    source, dim = None, None
     if value.target is operator.getitem and isinstance(value.args[0], fx.Node):
-        source = value.args[0]
-        reads_shape = (source.op == "call_function" and source.target is getattr and source.args == (cat, "shape")) or (
-            source.op == "call_method" and source.target == "size" and source.args == (cat,)
-        )
-        if reads_shape and _is_last_dim(value.args[1], cat):
-            return total
-    if value.op == "call_method" and value.target == "size" and len(value.args) == 2 and value.args[0] is cat:
-        return total if _is_last_dim(value.args[1], cat) else None
+        shape_of = value.args[0]
+        if shape_of.op == "call_function" and shape_of.target is getattr and shape_of.args[1] == "shape":
+            source, dim = shape_of.args[0], value.args[1]
+        elif shape_of.op == "call_method" and shape_of.target == "size" and len(shape_of.args) == 1:
+            source, dim = shape_of.args[0], value.args[1]
+    elif value.op == "call_method" and value.target == "size" and len(value.args) == 2:
+        source, dim = value.args
+    if source is not None:
+        return _last_dim_size(source, dim, cat, total)
     ops: dict[Callable, Callable] = {operator.floordiv: operator.floordiv, operator.mul: operator.mul,
                                      operator.add: operator.add, operator.sub: operator.sub}
     if value.op == "call_function" and value.target in ops and len(value.args) == 2:
         a, b = (_static_int(v, cat, total) for v in value.args)
         return None if a is None or b is None else ops[value.target](a, b)
     return None
+
+
+def _last_dim_size(tensor: fx.Node, dim, cat: fx.Node, total: int) -> int | None:
+    if not _is_last_dim(dim, tensor):
+        return None
+    if tensor is cat:
+        return total
+    meta = tensor.meta.get("tensor_meta")
+    return int(meta.shape[-1]) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _replace_indexed_users(graph: fx.Graph, node: fx.Node, by_index: list[fx.Node]) -> bool:
@@ -143,12 +158,14 @@ def _rewire_split(graph: fx.Graph, user: fx.Node, cat: fx.Node, parts: list[fx.N
     dim = user.args[2] if len(user.args) > 2 else user.kwargs.get("dim", 0)
     if not _is_last_dim(dim, cat):
         return False
-    if op in _CHUNK:
+    total = sum(sizes)
+    if isinstance(amount, (list, tuple)):
+        matches = op not in _CHUNK and [_static_int(a, cat, total) for a in amount] == sizes
+    elif op in _CHUNK:
         matches = amount == len(sizes) and len(set(sizes)) == 1
-    elif isinstance(amount, int):
-        matches = all(s == amount for s in sizes)
     else:
-        matches = isinstance(amount, (list, tuple)) and [_static_int(a, cat, sum(sizes)) for a in amount] == sizes
+        size = _static_int(amount, cat, total)
+        matches = size is not None and all(s == size for s in sizes)
     return matches and _replace_indexed_users(graph, user, parts)
 
 
@@ -171,7 +188,7 @@ def _rewire_slice(graph: fx.Graph, user: fx.Node, cat: fx.Node, parts: list[fx.N
     for part, offset, size in zip(parts, offsets, sizes):
         if (start, stop) == (offset, offset + size):
             user.replace_all_uses_with(part)
-            graph.erase_node(user)
+            erase_if_dead(graph, user)
             return True
     return False
 

@@ -1,5 +1,7 @@
 """transform: the whole graph rewrite without XLA, on real and meta tensors."""
 
+import operator
+
 import pytest
 import torch
 
@@ -16,8 +18,12 @@ def test_transform_keeps_function_and_state_dict(name):
     model = models.build(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = models.example_inputs(name)
-    gm = fx_shard.transform(model, PLANS[name], mesh_shape={"tp": 4})
+    gm = fx_shard.transform(model, PLANS[name], mesh_shape={"tp": 4}, example_inputs=inputs)
     torch.testing.assert_close(gm(*inputs), model(*inputs))
+    # Nothing left that costs collectives under SPMD: no concatenated q/k/v or gate/up, no sdpa, no matmul.
+    assert not [c for c in gm.graph.find_nodes(op="call_function", target=torch.cat) if _joins_parts(c)]
+    targets = {n.target for n in gm.graph.nodes}
+    assert not targets & {torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul, "matmul"}
     after = gm.state_dict()
     assert list(after) == list(before)
     for key, value in before.items():
@@ -26,7 +32,13 @@ def test_transform_keeps_function_and_state_dict(name):
     assert not any(isinstance(m, SplitLinear) for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
-    assert gm.meta[SHARDING_KEY] == ModelSharding({"tp": 4}, "tp", ("AnnotateSharding", "SplitFusedLinear"))
+    passes = ("AnnotateSharding", "SplitFusedLinear", "RewireFusedConsumers", "ReplicateIndivisibleHeads", "AttentionToEinsum")
+    assert gm.meta[SHARDING_KEY] == ModelSharding({"tp": 4}, "tp", passes)
+
+
+def _joins_parts(cat) -> bool:
+    inputs = [a.args[0] if a.target is operator.getitem else a for a in cat.args[0]]
+    return any(SHARDING_KEY in a.meta and a.meta[SHARDING_KEY].part_of for a in inputs)
 
 
 @pytest.mark.parametrize("name", models.MODELS)

@@ -4,15 +4,17 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.testing import FileCheck
 
 from fx_shard.capture import capture, linear_like_modules
 from fx_shard.layers import SplitLinear
-from fx_shard.passes import AnnotateSharding, SplitFusedLinear
+from fx_shard.ops import batched_matmul, einsum_attention
+from fx_shard.passes import AnnotateSharding, AttentionToEinsum, ReplicateIndivisibleHeads, RewireFusedConsumers, SplitFusedLinear
 from fx_shard.plan import ShardPlan
 from fx_shard.sharding import SHARDING_KEY, sharding_of
-from tests.toy import FusedAttention, VllmBlock, seeded
+from tests.toy import FusedAttention, GQAttention, HeadsAttention, VllmBlock, seeded
 
 
 def annotated(model: nn.Module, plan=None) -> fx.GraphModule:
@@ -115,3 +117,108 @@ def test_split_module_called_twice_is_split_once():
     x = torch.randn(4, 8)
     torch.testing.assert_close(gm(x), model(x))
     assert SHARDING_KEY in next(iter(gm.graph.find_nodes(op="call_module"))).meta
+
+
+def split_for(model, plan, example):
+    gm = annotated(model, plan)
+    from fx_shard.capture import propagate_shapes
+
+    propagate_shapes(gm, example)
+    SplitFusedLinear()(gm)
+    return gm
+
+
+def fused_cats(gm) -> list:
+    """The cats that join all parts of one split layer (the model's own cats are not counted)."""
+    found = []
+    for cat in gm.graph.find_nodes(op="call_function", target=torch.cat):
+        owners = [sharding_of(a if a.op == "call_module" else a.args[0]) for a in cat.args[0]]
+        parents = {r.part_of for r in owners if r is not None and r.part_of}
+        if len(parents) == 1 and len(owners) == len(gm.get_submodule(parents.pop()).part_names):
+            found.append(cat)
+    return found
+
+
+@pytest.mark.parametrize("layout", ["timm", "index", "unbind_axis", "split_int", "split_list", "chunk", "slices"])
+def test_rewire_removes_the_concatenation(layout):
+    model = seeded(HeadsAttention, layout)
+    x = torch.randn(2, 6, 32)
+    gm = split_for(model, {"qkv": "qkv", "proj": "rowwise"}, (x,))
+    assert len(fused_cats(gm)) == 1
+    assert RewireFusedConsumers()(gm).modified
+    gm.graph.lint()
+    assert fused_cats(gm) == []
+    torch.testing.assert_close(gm(x), model(x))
+    code = gm.code
+    assert not RewireFusedConsumers()(gm).modified and gm.code == code
+
+
+def test_rewire_keeps_unrecognised_consumers_and_says_so():
+    model = seeded(HeadsAttention, "unknown")
+    x = torch.randn(2, 6, 32)
+    gm = split_for(model, {"qkv": "qkv", "proj": "rowwise"}, (x,))
+    assert RewireFusedConsumers()(gm).modified  # only the notes
+    assert len(fused_cats(gm)) == 1
+    torch.testing.assert_close(gm(x), model(x))
+    notes = {n.target: sharding_of(n).notes for n in gm.graph.find_nodes(op="call_module") if n.target.startswith("qkv.")}
+    assert set(notes) == {"qkv.q", "qkv.k", "qkv.v"}
+    assert all(len(v) == 1 and v[0].startswith("the concatenation of the parts stays: consumer not recognised (%split") for v in notes.values())
+    assert not RewireFusedConsumers()(gm).modified
+
+
+def test_rewire_without_shapes_leaves_rank_dependent_splits():
+    # split(C, dim=2) is a split of the features only if the tensor is 3-D: unknown without example inputs.
+    model = seeded(HeadsAttention, "split_int")
+    gm = annotated(model, {"qkv": "qkv", "proj": "rowwise"})
+    SplitFusedLinear()(gm)
+    RewireFusedConsumers()(gm)
+    assert len(fused_cats(gm)) == 1
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_rewire_vllm_tuple_outputs_and_silu_and_mul():
+    model = seeded(VllmBlock)
+    x = torch.randn(2, 5, 32)
+    gm = split_for(model, None, (x,))
+    assert RewireFusedConsumers()(gm).modified
+    assert fused_cats(gm) == []
+    FileCheck().check_count("torch.cat(", 1, exactly=True).run(gm.code)  # the model's own cat([k, v])
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("layout", ["timm", "split_int"])
+def test_attention_to_einsum(layout):
+    model = seeded(HeadsAttention, layout)
+    x = torch.randn(2, 6, 32)
+    gm = capture(model)
+    assert AttentionToEinsum()(gm).modified
+    gm.graph.lint()
+    torch.testing.assert_close(gm(x), model(x))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert F.scaled_dot_product_attention not in targets and operator.matmul not in targets
+    expected = {"timm": (batched_matmul, 2), "split_int": (einsum_attention, 1)}[layout]
+    assert targets.count(expected[0]) == expected[1]
+    code = gm.code
+    assert not AttentionToEinsum()(gm).modified and gm.code == code
+
+
+def test_attention_to_einsum_leaves_other_graphs_alone():
+    gm = capture(seeded(VllmBlock))
+    code = gm.code
+    assert not AttentionToEinsum()(gm).modified and gm.code == code
+
+
+@pytest.mark.parametrize(("devices", "replicated"), [(2, []), (4, ["k_proj", "v_proj"]), (8, ["k_proj", "v_proj"])])
+def test_replicate_indivisible_heads(devices, replicated):
+    gm = capture(seeded(GQAttention))
+    plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+    AnnotateSharding(ShardPlan(plan).resolve(linear_like_modules(gm), {"tp": devices}, "tp"))(gm)
+    assert ReplicateIndivisibleHeads({"tp": devices})(gm).modified == bool(replicated)
+    records = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module")}
+    assert sorted(t for t, r in records.items() if r.style == "replicate") == replicated
+    for target in replicated:
+        assert records[target].specs == {}
+        assert records[target].notes == (f"2 heads (head_dim 4) do not divide mesh axis 'tp' ({devices}): replicated, so attention needs no collective",)
+    assert records["q_proj"].style == "colwise"
+    assert not ReplicateIndivisibleHeads({"tp": devices})(gm).modified

@@ -47,3 +47,68 @@ class VllmBlock(nn.Module):
 def seeded(cls, *args, **kwargs):
     torch.manual_seed(0)
     return cls(*args, **kwargs).eval()
+
+
+class HeadsAttention(nn.Module):
+    """Fused qkv consumed in one of the common ways (``layout``), attention by sdpa or matmul."""
+
+    def __init__(self, layout: str, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.layout, self.dim, self.heads = layout, dim, heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        H, hd = self.heads, self.dim // self.heads
+        qkv = self.qkv(x)
+        if self.layout == "timm":
+            q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        elif self.layout == "index":
+            qkv = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        elif self.layout == "unbind_axis":
+            q, k, v = qkv.view(B, N, 3, H, hd).unbind(2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            if self.layout == "split_int":
+                q, k, v = qkv.split(C, dim=2)
+            elif self.layout == "split_list":
+                q, k, v = torch.split(qkv, [C, C, C], dim=-1)
+            elif self.layout == "chunk":
+                q, k, v = qkv.chunk(3, dim=-1)
+            elif self.layout == "slices":
+                q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+            elif self.layout == "unknown":  # splits on a non-boundary: must stay correct
+                a, b = qkv.split([C + 4, 2 * C - 4], dim=-1)
+                q, k, v = a[..., :C], torch.cat([a[..., C:], b[..., : C - 4]], -1), b[..., C - 4 :]
+            q, k, v = (t.view(B, N, H, hd).transpose(1, 2) for t in (q, k, v))
+        if self.layout in ("timm", "index"):
+            out = torch.softmax((q * hd**-0.5) @ k.transpose(-2, -1), dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class GQAttention(nn.Module):
+    """Llama-style grouped-query attention with separate projections and HF's repeat_kv."""
+
+    def __init__(self, dim: int = 32, heads: int = 8, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.hd = dim // heads
+        self.q_proj = nn.Linear(dim, heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.hd, bias=False)
+        self.o_proj = nn.Linear(heads * self.hd, dim, bias=False)
+        self.groups = heads // kv_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, -1, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, -1, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, -1, self.hd).transpose(1, 2)
+        kv_heads = k.shape[1]
+        k = k[:, :, None].expand(B, kv_heads, self.groups, N, self.hd).reshape(B, -1, N, self.hd)
+        v = v[:, :, None].expand(B, kv_heads, self.groups, N, self.hd).reshape(B, -1, N, self.hd)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, -1))

@@ -1,0 +1,76 @@
+"""ReplicateIndivisibleHeads: keep whole heads together, replicating layers whose heads do not divide."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Mapping
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fx_shard.passes.utils import result
+from fx_shard.sharding import SHARDING_KEY, sharding_of
+
+__all__ = ["ReplicateIndivisibleHeads", "head_dim_of"]
+
+_RESHAPE = ("view", "reshape")
+_SEARCH_DEPTH = 4
+
+
+class ReplicateIndivisibleHeads(PassBase):
+    """Replicate a column-parallel projection whose attention heads the mesh axis does not divide.
+
+    With grouped-query attention there are often fewer KV heads than devices
+    (2 KV heads, 8 devices); sharding k/v features 8 ways cuts heads apart and
+    XLA moves data to put them back. Replicated k/v cost no collective: each
+    device slices the heads its q shard needs (measured, design.md). Heads
+    are found from the reshape ``(..., heads or -1, head_dim)`` downstream.
+
+    Reads: ``node.meta["sharding"]`` of colwise layers. Writes: those records.
+    """
+
+    def __init__(self, mesh_shape: Mapping[str, int]) -> None:
+        super().__init__()
+        self.mesh_shape = mesh_shape
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in graph_module.graph.find_nodes(op="call_module"):
+            record = sharding_of(node)
+            if record is None or record.style != "colwise":
+                continue
+            features = graph_module.get_submodule(node.target).weight.shape[0]
+            head_dim = head_dim_of(node, features)
+            axes = [a for a in record.specs["weight"][0:1] if a is not None]
+            ways = math.prod(self.mesh_shape[a] for a in axes)
+            if head_dim is None or (features // head_dim) % ways == 0:
+                continue
+            heads = features // head_dim
+            note = (
+                f"{heads} heads (head_dim {head_dim}) do not divide mesh axis {axes[0]!r} ({ways}): "
+                "replicated, so attention needs no collective"
+            )
+            node.meta[SHARDING_KEY] = dataclasses.replace(record, style="replicate", specs={}, notes=(*record.notes, note))
+            modified = True
+        return result(graph_module, modified)
+
+
+def head_dim_of(node: fx.Node, features: int) -> int | None:
+    """The head size of a projection's output: the last dim of a ``(..., heads | -1, head_dim)`` reshape near it."""
+    frontier = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0] or [node]
+    for _ in range(_SEARCH_DEPTH):
+        following = []
+        for value in frontier:
+            for user in value.users:
+                if user.op == "call_method" and user.target in _RESHAPE and user.args[0] is value:
+                    shape = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
+                    head_dim, heads = shape[-1], shape[-2] if len(shape) >= 2 else None
+                    if isinstance(head_dim, int) and head_dim > 0 and features % head_dim == 0 and (
+                        heads == -1 or heads == features // head_dim
+                    ):
+                        return head_dim
+                following.append(user)
+        frontier = following
+    return None
