@@ -1,0 +1,52 @@
+"""The collective optimum, counted in XLA's partitioned HLO: 2 all-reduces per block, nothing else."""
+
+import pytest
+import torch
+from conftest import relative_error
+
+import fx_shard
+from fx_shard import models
+from fx_shard.collectives import collectives
+from fx_shard.models.plans import PLANS
+from fx_shard.report import parameter_bytes
+from fx_shard.sharding import SHARDING_KEY
+
+ZERO = {"all-gather": 0, "reduce-scatter": 0, "all-to-all": 0, "collective-permute": 0}
+
+
+def expected_all_reduces(name: str, layers: int) -> int:
+    # Megatron: one after attention's output projection, one after the MLP's down projection;
+    # the language models add one for the vocabulary-parallel embedding lookup.
+    return 2 * layers + (0 if name == "vit" else 1)
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+@pytest.mark.parametrize("layers", [1, 3])
+def test_optimal_collectives(name, layers, mesh):
+    depth = {"vit": "depth", "gpt2": "n_layer"}.get(name, "num_hidden_layers")
+    model = models.build(name, **{depth: layers})
+    inputs = models.example_inputs(name)
+    gm = fx_shard.shard(model, mesh, PLANS[name], example_inputs=inputs)
+    counts = collectives(gm, *inputs)
+    assert dict(counts) == {"all-reduce": expected_all_reduces(name, layers), **ZERO}
+    with torch.no_grad():
+        assert relative_error(gm(*(t.to(fx_shard.xla_device()) for t in inputs)), model(*inputs)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-vllm"])
+def test_gqa_keeps_q_sharded_and_parameter_bytes_ideal(name, mesh, devices):
+    inputs = models.example_inputs(name)
+    gm = fx_shard.shard(models.build(name), mesh, PLANS[name], example_inputs=inputs)
+    counts = collectives(gm, *inputs)
+    records = {n.target: n.meta[SHARDING_KEY] for n in gm.graph.find_nodes(op="call_module") if SHARDING_KEY in n.meta}
+    q = next(r for t, r in records.items() if t.endswith(("q_proj", "qkv_proj.q")))
+    assert q.style == "colwise" and q.specs["weight"] == ("tp", None)
+    kv = [r for t, r in records.items() if t.endswith(("k_proj", "v_proj", "qkv_proj.k", "qkv_proj.v"))]
+    # 2 KV heads: sharded on 2 devices, replicated (with the reason) on 4 and 8.
+    assert {r.style for r in kv} == ({"colwise"} if devices == 2 else {"replicate"})
+    total, per_device, ideal = parameter_bytes(gm)
+    assert counts.parameter_bytes == per_device
+    assert abs(counts.parameter_bytes - ideal) <= 0.02 * ideal
+    sharded = {id(p): p for t, r in records.items() for n, p in gm.get_submodule(t).named_parameters() if n in r.specs}
+    sharded_bytes = sum(p.numel() * p.element_size() for p in sharded.values())
+    assert ideal == sharded_bytes // devices + (total - sharded_bytes)
