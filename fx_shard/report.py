@@ -8,7 +8,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from fx_shard.sharding import SHARDING_KEY, ModelSharding, local_shape
+from fx_shard.sharding import SHARDING_KEY, ModelSharding, layer_parameters, local_shape
 
 __all__ = ["parameter_bytes", "report"]
 
@@ -18,17 +18,12 @@ def report(gm: fx.GraphModule, tablefmt: str = "simple") -> str:
     summary: ModelSharding = gm.meta[SHARDING_KEY]
     mesh = summary.mesh_shape
     rows = []
-    for node in gm.graph.find_nodes(op="call_module"):
-        record = node.meta.get(SHARDING_KEY)
-        if record is None:
-            continue
-        module = gm.get_submodule(node.target)
-        for name, param in module.named_parameters(recurse=False):
-            spec = record.specs.get(name)
-            rows.append([
-                node.target, record.style, record.source, name, _shape(param.shape),
-                _spec(spec), _shape(local_shape(param.shape, spec, mesh)),
-            ])
+    for target, record, name, param in layer_parameters(gm):
+        spec = record.specs.get(name)
+        rows.append([
+            target, record.style, record.source, name, _shape(param.shape),
+            _spec(spec), _shape(local_shape(param.shape, spec, mesh)),
+        ])
     total, per_device, ideal = parameter_bytes(gm)
     lines = [
         f"fx_shard: {type(gm).__name__} on mesh {_mesh(mesh)}, tensor-parallel axis {summary.tp_axis!r}",
@@ -50,12 +45,7 @@ def parameter_bytes(gm: fx.GraphModule) -> tuple[int, int, int]:
     Ideal is each sharded tensor's bytes over its mesh axes' size, plus replicated bytes.
     """
     mesh = gm.meta[SHARDING_KEY].mesh_shape
-    specs = {}
-    for node in gm.graph.find_nodes(op="call_module"):
-        record = node.meta.get(SHARDING_KEY)
-        if record is not None:
-            module = gm.get_submodule(node.target)
-            specs.update({id(getattr(module, n)): spec for n, spec in record.specs.items()})
+    specs = {id(param): record.specs[name] for _, record, name, param in layer_parameters(gm) if name in record.specs}
     total = per_device = ideal = 0
     seen: set[int] = set()
     for param in gm.parameters():

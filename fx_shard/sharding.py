@@ -10,7 +10,7 @@ state, so passes, materialization and the report all read from here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "ModelSharding",
     "ShardingRecord",
     "Spec",
+    "layer_parameters",
     "local_shape",
     "sharding_of",
 ]
@@ -71,3 +72,12 @@ def local_shape(shape: torch.Size | tuple[int, ...], spec: Spec | None, mesh_sha
     return tuple(
         size if axis is None else math.ceil(size / mesh_shape[axis]) for size, axis in zip(shape, spec)
     )
+
+
+def layer_parameters(gm: fx.GraphModule) -> Iterator[tuple[str, ShardingRecord, str, torch.nn.Parameter]]:
+    """``(module path, record, parameter name, parameter)`` for every parameter of every recorded layer."""
+    for node in gm.graph.find_nodes(op="call_module"):
+        record = sharding_of(node)
+        if record is not None:
+            for name, param in gm.get_submodule(node.target).named_parameters(recurse=False):
+                yield node.target, record, name, param

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from fx_shard.errors import FxShardError, PlanError
-from fx_shard.sharding import SHARDING_KEY
+from fx_shard.sharding import layer_parameters
 
 __all__ = ["hlo_dump_dir", "init_runtime", "make_mesh", "materialize", "mesh_shape_of", "xla_device"]
 
@@ -141,20 +141,16 @@ def _move_keeping_ties(module: torch.nn.Module, device: torch.device) -> None:
 def _param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple, str]]:
     """Each sharded parameter once, by identity, with its spec and owning parameter name."""
     specs: dict[int, tuple[torch.nn.Parameter, tuple, str]] = {}
-    for node in gm.graph.find_nodes(op="call_module"):
-        record = node.meta.get(SHARDING_KEY)
-        if record is None:
+    for target, record, name, param in layer_parameters(gm):
+        spec = record.specs.get(name)
+        if spec is None:
             continue
-        module = gm.get_submodule(node.target)
-        for name, spec in record.specs.items():
-            param = getattr(module, name)
-            owner = f"{node.target}.{name}"
-            seen = specs.get(id(param))
-            if seen is not None and seen[1] != spec:
-                raise PlanError(
-                    f"{owner} is the same tensor as {seen[2]} but the plan shards it {spec} there and "
-                    f"{seen[1]} here; give both layers styles that agree (e.g. 'vocab' and 'lm_head')"
-                )
-            specs[id(param)] = (param, spec, owner)
+        owner = f"{target}.{name}"
+        seen = specs.get(id(param))
+        if seen is not None and seen[1] != spec:
+            raise PlanError(
+                f"{owner} is the same tensor as {seen[2]} but the plan shards it {spec} there and "
+                f"{seen[1]} here; give both layers styles that agree (e.g. 'vocab' and 'lm_head')"
+            )
+        specs[id(param)] = (param, spec, owner)
     return specs
-

@@ -7,7 +7,7 @@ from conftest import local_shapes, relative_error, sharding_spec
 import fx_shard
 from fx_shard import models
 from fx_shard.models.plans import PLANS
-from fx_shard.sharding import SHARDING_KEY, local_shape
+from fx_shard.sharding import SHARDING_KEY, layer_parameters, local_shape
 
 
 @pytest.mark.parametrize("name", models.MODELS)
@@ -21,19 +21,13 @@ def test_sharded_model_matches_unsharded(name, mesh, devices):
     assert relative_error(actual, expected) <= 1e-5
 
     checked = 0
-    for node in gm.graph.find_nodes(op="call_module"):
-        record = node.meta.get(SHARDING_KEY)
-        if record is None:
+    for target, record, pname, param in layer_parameters(gm):
+        spec = record.specs.get(pname)
+        if spec is None:
+            assert sharding_spec(param) == "", f"{target}.{pname} should be replicated"
             continue
-        module = gm.get_submodule(node.target)
-        for pname, param in module.named_parameters(recurse=False):
-            spec = record.specs.get(pname)
-            if spec is None:
-                assert sharding_spec(param) == "", f"{node.target}.{pname} should be replicated"
-                continue
-            expected_local = local_shape(param.shape, spec, {"tp": devices})
-            assert local_shapes(param) == {expected_local}, f"{node.target}.{pname}"
-            checked += 1
+        assert local_shapes(param) == {local_shape(param.shape, spec, {"tp": devices})}, f"{target}.{pname}"
+        checked += 1
     assert checked >= 8
 
 
