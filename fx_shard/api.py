@@ -14,7 +14,7 @@ from fx_shard.layers import SplitLinear, class_style
 from fx_shard.passes import (
     AnnotateSharding,
     AttentionToEinsum,
-    ReplicateIndivisibleHeads,
+    FitHeadsToMesh,
     RewireFusedConsumers,
     SplitFusedLinear,
 )
@@ -52,7 +52,7 @@ def transform(
         AnnotateSharding(records),
         SplitFusedLinear(),
         RewireFusedConsumers(),
-        ReplicateIndivisibleHeads(mesh_shape),
+        FitHeadsToMesh(mesh_shape),
         AttentionToEinsum(),
     ]
     gm = PassManager(passes, run_checks_after_each_pass=True)(gm).graph_module

@@ -27,7 +27,7 @@ from torch import nn
 
 from fx_shard.errors import PlanError
 from fx_shard.layers import class_style
-from fx_shard.sharding import ShardingRecord, Spec
+from fx_shard.sharding import Axis, ShardingRecord, Spec, axis_names, axis_size
 
 __all__ = ["STYLES", "LayerPlan", "ShardPlan", "resolve_tp_axis"]
 
@@ -143,7 +143,7 @@ class ShardPlan:
                 return pattern
         return None
 
-    def resolve(self, modules: Mapping[str, nn.Module], mesh_shape: Mapping[str, int], tp_axis: str) -> dict[str, ShardingRecord]:
+    def resolve(self, modules: Mapping[str, nn.Module], mesh_shape: Mapping[str, int], tp_axis: Axis) -> dict[str, ShardingRecord]:
         """One record per linear-like module (name -> module, in graph order)."""
         records: dict[str, ShardingRecord] = {}
         used: set[str] = set()
@@ -157,7 +157,7 @@ class ShardPlan:
                 layer, source = LayerPlan(rule[0]), f"class rule {rule[1]}"
             else:
                 layer, source = LayerPlan("replicate"), "no rule covers it"
-            records[name] = _record(name, module, layer, source, mesh_shape[tp_axis], tp_axis)
+            records[name] = _record(name, module, layer, source, axis_size(mesh_shape, tp_axis), tp_axis)
         unused = [p for p in self.entries if p not in used]
         if unused:
             raise PlanError(_unmatched_message(unused, list(modules)))
@@ -167,17 +167,25 @@ class ShardPlan:
         return records
 
 
-def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: str | None = None) -> str:
-    """The tensor-parallel mesh axis: the one named, else the only axis larger than 1, else one named tp/model/x."""
+def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: Axis | None = None) -> Axis:
+    """The tensor-parallel mesh axis (or axes, major first).
+
+    Without ``tp_axis``: ``("kv", "tp")`` on a mesh with a ``kv`` axis (see
+    ``make_mesh(kv=)``); else the only axis larger than 1; else one named
+    ``tp``, ``model`` or ``x``.
+    """
     names = list(mesh_shape)
     if tp_axis is not None:
-        if tp_axis not in mesh_shape:
-            raise PlanError(f"mesh axis {tp_axis!r} does not exist; the mesh has axes {names}")
+        missing = [a for a in axis_names(tp_axis) if a not in mesh_shape]
+        if missing:
+            raise PlanError(f"mesh axis {missing[0]!r} does not exist; the mesh has axes {names}")
         return tp_axis
+    conventional = [a for a in ("tp", "model", "x") if a in mesh_shape]
+    if "kv" in mesh_shape and conventional:
+        return ("kv", conventional[0])
     large = [a for a in names if mesh_shape[a] > 1]
     if len(large) == 1:
         return large[0]
-    conventional = [a for a in ("tp", "model", "x") if a in mesh_shape]
     if conventional:
         return conventional[0]
     if not large:
@@ -187,7 +195,7 @@ def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: str | None = None) -
     )
 
 
-def _record(name: str, module: nn.Module, layer: LayerPlan, source: str, n: int, axis: str) -> ShardingRecord:
+def _record(name: str, module: nn.Module, layer: LayerPlan, source: str, n: int, axis: Axis) -> ShardingRecord:
     weight = getattr(module, "weight", None)
     if weight is None or weight.dim() != 2:
         raise PlanError(f"{name} ({type(module).__name__}) has no 2-D weight; it cannot take style {layer.style!r}")
@@ -247,7 +255,7 @@ def _output_sizes(name: str, module: nn.Module, layer: LayerPlan, out_features: 
     return tuple(sizes)
 
 
-def _check_divides(name: str, what: str, size: int, n: int, axis: str) -> None:
+def _check_divides(name: str, what: str, size: int, n: int, axis: Axis) -> None:
     if size % n:
         divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= n]
         raise PlanError(

@@ -18,6 +18,9 @@ from torch import fx
 
 __all__ = [
     "SHARDING_KEY",
+    "Axis",
+    "axis_names",
+    "axis_size",
     "ModelSharding",
     "ShardingRecord",
     "Spec",
@@ -28,8 +31,10 @@ __all__ = [
 
 SHARDING_KEY = "sharding"
 
-# A partition spec: one entry per tensor dimension, a mesh axis name or None.
-Spec = tuple[str | None, ...]
+# Where one tensor dimension is split: a mesh axis name, several (major first), or None.
+Axis = str | tuple[str, ...]
+# A partition spec: one entry per tensor dimension.
+Spec = tuple[Axis | None, ...]
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,10 @@ class ShardingRecord:
 
 @dataclass(frozen=True)
 class ModelSharding:
-    """Model-wide facts: the mesh the plan was made for and its tensor-parallel axis."""
+    """Model-wide facts: the mesh the plan was made for and its tensor-parallel axis (or axes)."""
 
     mesh_shape: Mapping[str, int]
-    tp_axis: str
+    tp_axis: Axis
     passes: tuple[str, ...] = field(default=())
 
 
@@ -65,13 +70,23 @@ def sharding_of(node: fx.Node) -> ShardingRecord | None:
     return node.meta.get(SHARDING_KEY)
 
 
+def axis_names(axis: Axis | None) -> tuple[str, ...]:
+    """The mesh axis names in a spec entry."""
+    if axis is None:
+        return ()
+    return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def axis_size(mesh_shape: Mapping[str, int], axis: Axis | None) -> int:
+    """How many ways a spec entry splits a dimension."""
+    return math.prod(mesh_shape[a] for a in axis_names(axis))
+
+
 def local_shape(shape: torch.Size | tuple[int, ...], spec: Spec | None, mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
     """Per-device shape of a tensor of ``shape`` sharded by ``spec`` (XLA pads uneven shards)."""
     if spec is None:
         return tuple(shape)
-    return tuple(
-        size if axis is None else math.ceil(size / mesh_shape[axis]) for size, axis in zip(shape, spec)
-    )
+    return tuple(math.ceil(size / axis_size(mesh_shape, axis)) for size, axis in zip(shape, spec))
 
 
 def layer_parameters(gm: fx.GraphModule) -> Iterator[tuple[str, ShardingRecord, str, torch.nn.Parameter]]:

@@ -48,6 +48,7 @@ def init_runtime(num_devices: int | None = None) -> int:
     """
     if "PJRT_DEVICE" not in os.environ and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
         os.environ["PJRT_DEVICE"] = "CPU"
+    if os.environ.get("PJRT_DEVICE") == "CPU":  # also when importing torch_xla chose the CPU
         os.environ.setdefault("CPU_NUM_DEVICES", str(num_devices or DEFAULT_CPU_DEVICES))
     if hlo_dump_dir() is None:
         dump = tempfile.mkdtemp(prefix="fx_shard_hlo_")
@@ -78,8 +79,14 @@ def xla_device() -> torch.device:
     return _torch_xla().device()
 
 
-def make_mesh(tp: int | None = None, *, dp: int = 1):
-    """A mesh over all XLA devices: axes ``("tp",)``, or ``("dp", "tp")`` when ``dp > 1``."""
+def make_mesh(tp: int | None = None, *, dp: int = 1, kv: int | None = None):
+    """A mesh over all XLA devices, axes named: ``("tp",)``, with ``("dp", ...)`` first when ``dp > 1``.
+
+    ``kv`` splits the ``tp`` devices into ``kv`` groups, axes ``("kv", "tp")``:
+    for grouped-query attention with fewer KV heads than devices, k/v are
+    sharded over ``kv`` and everything else over both axes, so each device's
+    q heads find their k/v group locally (no collective, k/v not replicated).
+    """
     import numpy as np
 
     count = init_runtime()
@@ -90,9 +97,12 @@ def make_mesh(tp: int | None = None, *, dp: int = 1):
             f"mesh dp={dp} x tp={tp} covers {dp * tp} devices, but this process has {count}; "
             f"a mesh must cover every device: choose dp * tp == {count}"
         )
+    if kv is not None and (kv < 1 or tp % kv):
+        raise PlanError(f"kv={kv} does not divide tp={tp}; choose a kv that divides it (KV heads per group)")
+    shape, names = ((kv, tp // kv), ("kv", "tp")) if kv is not None else ((tp,), ("tp",))
     if dp > 1:
-        return xs.Mesh(np.arange(count), (dp, tp), ("dp", "tp"))
-    return xs.Mesh(np.arange(count), (tp,), ("tp",))
+        shape, names = (dp, *shape), ("dp", *names)
+    return xs.Mesh(np.arange(count), shape, names)
 
 
 def mesh_shape_of(mesh) -> dict[str, int]:

@@ -2,8 +2,8 @@
 
 from fx_shard.passes.annotate_sharding import AnnotateSharding
 from fx_shard.passes.attention_to_einsum import AttentionToEinsum
-from fx_shard.passes.replicate_indivisible_heads import ReplicateIndivisibleHeads
+from fx_shard.passes.fit_heads_to_mesh import FitHeadsToMesh
 from fx_shard.passes.rewire_fused_consumers import RewireFusedConsumers
 from fx_shard.passes.split_fused_linear import SplitFusedLinear
 
-__all__ = ["AnnotateSharding", "AttentionToEinsum", "ReplicateIndivisibleHeads", "RewireFusedConsumers", "SplitFusedLinear"]
+__all__ = ["AnnotateSharding", "AttentionToEinsum", "FitHeadsToMesh", "RewireFusedConsumers", "SplitFusedLinear"]

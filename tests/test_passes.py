@@ -11,7 +11,7 @@ from torch.testing import FileCheck
 from fx_shard.capture import capture, linear_like_modules
 from fx_shard.layers import SplitLinear
 from fx_shard.ops import batched_matmul, einsum_attention
-from fx_shard.passes import AnnotateSharding, AttentionToEinsum, ReplicateIndivisibleHeads, RewireFusedConsumers, SplitFusedLinear
+from fx_shard.passes import AnnotateSharding, AttentionToEinsum, FitHeadsToMesh, RewireFusedConsumers, SplitFusedLinear
 from fx_shard.plan import ShardPlan
 from fx_shard.sharding import SHARDING_KEY, sharding_of
 from tests.toy import FusedAttention, GQAttention, HeadsAttention, VllmBlock, seeded
@@ -210,15 +210,36 @@ def test_attention_to_einsum_leaves_other_graphs_alone():
 
 
 @pytest.mark.parametrize(("devices", "replicated"), [(2, []), (4, ["k_proj", "v_proj"]), (8, ["k_proj", "v_proj"])])
-def test_replicate_indivisible_heads(devices, replicated):
+def test_fit_heads_replicates_on_a_1d_mesh(devices, replicated):
     gm = capture(seeded(GQAttention))
     plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
     AnnotateSharding(ShardPlan(plan).resolve(linear_like_modules(gm), {"tp": devices}, "tp"))(gm)
-    assert ReplicateIndivisibleHeads({"tp": devices})(gm).modified == bool(replicated)
+    assert FitHeadsToMesh({"tp": devices})(gm).modified == bool(replicated)
     records = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module")}
     assert sorted(t for t, r in records.items() if r.style == "replicate") == replicated
     for target in replicated:
         assert records[target].specs == {}
-        assert records[target].notes == (f"2 heads (head_dim 4) do not divide mesh axis 'tp' ({devices}): replicated, so attention needs no collective",)
+        assert records[target].notes == (
+            f"2 heads (head_dim 4) do not divide mesh axes ('tp',) ({devices}): replicated, so attention needs no collective",
+        )
     assert records["q_proj"].style == "colwise"
-    assert not ReplicateIndivisibleHeads({"tp": devices})(gm).modified
+    code = gm.code
+    assert not FitHeadsToMesh({"tp": devices})(gm).modified and gm.code == code
+
+
+def test_fit_heads_shards_kv_over_the_kv_axis_of_a_2d_mesh():
+    gm = capture(seeded(GQAttention))
+    mesh = {"kv": 2, "tp": 4}
+    plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+    AnnotateSharding(ShardPlan(plan).resolve(linear_like_modules(gm), mesh, ("kv", "tp")))(gm)
+    assert FitHeadsToMesh(mesh)(gm).modified
+    records = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module")}
+    assert records["q_proj"].specs == {"weight": (("kv", "tp"), None)}
+    assert records["o_proj"].specs == {"weight": (None, ("kv", "tp"))}
+    for target in ("k_proj", "v_proj"):
+        assert (records[target].style, records[target].specs) == ("colwise", {"weight": ("kv", None)})
+        assert records[target].notes == (
+            "2 heads (head_dim 4) do not divide mesh axes ('kv', 'tp') (8): sharded over ('kv',) (2) only, "
+            "so attention needs no collective",
+        )
+    assert not FitHeadsToMesh(mesh)(gm).modified

@@ -92,7 +92,14 @@ def test_style_must_fit_the_layer():
 
 @pytest.mark.parametrize(
     ("mesh", "given", "axis"),
-    [({"x": 8, "y": 1}, None, "x"), ({"dp": 2, "model": 4}, "model", "model"), ({"dp": 2, "tp": 4}, None, "tp"), ({"a": 1}, None, "a")],
+    [
+        ({"x": 8, "y": 1}, None, "x"),
+        ({"dp": 2, "model": 4}, "model", "model"),
+        ({"dp": 2, "tp": 4}, None, "tp"),
+        ({"a": 1}, None, "a"),
+        ({"kv": 2, "tp": 4}, None, ("kv", "tp")),
+        ({"dp": 2, "kv": 2, "tp": 2}, None, ("kv", "tp")),
+    ],
 )
 def test_tp_axis(mesh, given, axis):
     assert resolve_tp_axis(mesh, given) == axis
@@ -103,3 +110,5 @@ def test_tp_axis_errors():
         resolve_tp_axis({"x": 4, "y": 2}, "tp")
     with pytest.raises(PlanError, match=r"cannot tell the tensor-parallel axis of mesh \{'a': 2, 'b': 2\}; pass tp_axis="):
         resolve_tp_axis({"a": 2, "b": 2})
+    with pytest.raises(PlanError, match=r"mesh axis 'kv' does not exist; the mesh has axes \['tp'\]"):
+        resolve_tp_axis({"tp": 4}, ("kv", "tp"))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import local_shapes, relative_error
 
 import fx_shard
 from fx_shard import models
@@ -50,3 +50,22 @@ def test_gqa_keeps_q_sharded_and_parameter_bytes_ideal(name, mesh, devices):
     sharded = {id(p): p for t, r in records.items() for n, p in gm.get_submodule(t).named_parameters() if n in r.specs}
     sharded_bytes = sum(p.numel() * p.element_size() for p in sharded.values())
     assert ideal == sharded_bytes // devices + (total - sharded_bytes)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-vllm"])
+def test_gqa_on_a_kv_mesh_shards_kv_without_collectives(name, devices):
+    mesh = fx_shard.make_mesh(kv=2)
+    inputs = models.example_inputs(name)
+    model = models.build(name)
+    gm = fx_shard.shard(model, mesh, PLANS[name], example_inputs=inputs)
+    assert dict(collectives(gm, *inputs)) == {"all-reduce": expected_all_reduces(name, 2), **ZERO}
+    records = {n.target: n.meta[SHARDING_KEY] for n in gm.graph.find_nodes(op="call_module") if SHARDING_KEY in n.meta}
+    layer = "model.layers.0.self_attn."
+    q, k = (layer + "q_proj", layer + "k_proj") if name == "llama" else (layer + "qkv_proj.q", layer + "qkv_proj.k")
+    assert records[q].specs["weight"] == (("kv", "tp"), None)
+    # With 2 devices (kv=2, tp=1) the 2 KV heads divide all 2 devices: same layout, both axes named.
+    assert records[k].specs["weight"] == (("kv", None) if devices > 2 else (("kv", "tp"), None))
+    assert local_shapes(gm.get_submodule(q).weight) == {(64 // devices, 64)}
+    assert local_shapes(gm.get_submodule(k).weight) == {(8, 64)}  # 2 KV heads of 8 over kv=2
+    with torch.no_grad():
+        assert relative_error(gm(*(t.to(fx_shard.xla_device()) for t in inputs)), model(*inputs)) <= 1e-5

@@ -1,4 +1,4 @@
-"""ReplicateIndivisibleHeads: keep whole heads together, replicating layers whose heads do not divide."""
+"""FitHeadsToMesh: never split an attention head across devices."""
 
 from __future__ import annotations
 
@@ -11,22 +11,24 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fx_shard.passes.utils import result
-from fx_shard.sharding import SHARDING_KEY, sharding_of
+from fx_shard.sharding import SHARDING_KEY, axis_names, sharding_of
 
-__all__ = ["ReplicateIndivisibleHeads", "head_dim_of"]
+__all__ = ["FitHeadsToMesh", "head_dim_of"]
 
 _RESHAPE = ("view", "reshape")
 _SEARCH_DEPTH = 4
 
 
-class ReplicateIndivisibleHeads(PassBase):
-    """Replicate a column-parallel projection whose attention heads the mesh axis does not divide.
+class FitHeadsToMesh(PassBase):
+    """Shard a column-parallel projection over only as many devices as its heads divide.
 
     With grouped-query attention there are often fewer KV heads than devices
     (2 KV heads, 8 devices); sharding k/v features 8 ways cuts heads apart and
-    XLA moves data to put them back. Replicated k/v cost no collective: each
-    device slices the heads its q shard needs (measured, design.md). Heads
-    are found from the reshape ``(..., heads or -1, head_dim)`` downstream.
+    XLA moves data to put them back. On a mesh ``("kv", "tp")`` k/v shard over
+    ``kv`` alone, which matches the q heads each device holds; on a 1-D mesh
+    they are replicated. Either way attention needs no collective (measured,
+    docs/collectives.md). Heads are found from the reshape
+    ``(..., heads or -1, head_dim)`` downstream of the projection.
 
     Reads: ``node.meta["sharding"]`` of colwise layers. Writes: those records.
     """
@@ -43,18 +45,25 @@ class ReplicateIndivisibleHeads(PassBase):
                 continue
             features = graph_module.get_submodule(node.target).weight.shape[0]
             head_dim = head_dim_of(node, features)
-            axes = [a for a in record.specs["weight"][0:1] if a is not None]
-            ways = math.prod(self.mesh_shape[a] for a in axes)
-            if head_dim is None or (features // head_dim) % ways == 0:
+            axes = axis_names(record.specs["weight"][0])
+            if head_dim is None or (features // head_dim) % self._ways(axes) == 0:
                 continue
             heads = features // head_dim
-            note = (
-                f"{heads} heads (head_dim {head_dim}) do not divide mesh axis {axes[0]!r} ({ways}): "
-                "replicated, so attention needs no collective"
-            )
-            node.meta[SHARDING_KEY] = dataclasses.replace(record, style="replicate", specs={}, notes=(*record.notes, note))
+            fitting = max((axes[:i] for i in range(len(axes)) if heads % self._ways(axes[:i]) == 0), key=len)
+            what = f"{heads} heads (head_dim {head_dim}) do not divide mesh axes {axes} ({self._ways(axes)})"
+            if fitting:
+                axis = fitting[0] if len(fitting) == 1 else fitting
+                specs = {name: (axis, *spec[1:]) for name, spec in record.specs.items()}
+                note = f"{what}: sharded over {fitting} ({self._ways(fitting)}) only, so attention needs no collective"
+                node.meta[SHARDING_KEY] = dataclasses.replace(record, specs=specs, notes=(*record.notes, note))
+            else:
+                note = f"{what}: replicated, so attention needs no collective"
+                node.meta[SHARDING_KEY] = dataclasses.replace(record, style="replicate", specs={}, notes=(*record.notes, note))
             modified = True
         return result(graph_module, modified)
+
+    def _ways(self, axes: tuple[str, ...]) -> int:
+        return math.prod(self.mesh_shape[a] for a in axes)
 
 
 def head_dim_of(node: fx.Node, features: int) -> int | None:
