@@ -15,6 +15,7 @@ from fx_shard.passes import (
     AnnotateSharding,
     AttentionToEinsum,
     FitHeadsToMesh,
+    InsertShardingConstraints,
     RewireFusedConsumers,
     SplitFusedLinear,
 )
@@ -54,6 +55,7 @@ def transform(
         RewireFusedConsumers(),
         FitHeadsToMesh(mesh_shape),
         AttentionToEinsum(),
+        InsertShardingConstraints(),
     ]
     gm = PassManager(passes, run_checks_after_each_pass=True)(gm).graph_module
     gm.meta[SHARDING_KEY] = ModelSharding(dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes))

@@ -45,12 +45,15 @@ class LayerPlan:
     For ``qkv`` on a layer that does not carry ``output_sizes`` itself, give
     ``output_sizes`` or ``num_heads`` (and ``num_kv_heads`` for grouped
     attention); with neither, the output splits in three equal parts.
+    ``gather_output`` replicates a column-parallel output (e.g. logits) on
+    every device; by default it stays sharded (gathered only on ``.cpu()``).
     """
 
     style: str
     output_sizes: tuple[int, ...] | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    gather_output: bool = False
 
     @classmethod
     def parse(cls, value: str | Mapping | LayerPlan, entry: str) -> LayerPlan:
@@ -60,16 +63,16 @@ class LayerPlan:
         elif isinstance(value, str):
             layer = cls(value)
         elif isinstance(value, Mapping):
-            unknown = set(value) - {"style", "output_sizes", "num_heads", "num_kv_heads"}
+            unknown = set(value) - {"style", "output_sizes", "num_heads", "num_kv_heads", "gather_output"}
             if unknown or "style" not in value:
                 raise PlanError(
                     f"plan entry {entry!r}: {dict(value)!r} is not a layer plan; "
                     "give a style name or a dict with 'style' and optionally "
-                    "'output_sizes', 'num_heads', 'num_kv_heads'"
+                    "'output_sizes', 'num_heads', 'num_kv_heads', 'gather_output'"
                 )
             sizes = value.get("output_sizes")
             layer = cls(value["style"], tuple(sizes) if sizes is not None else None,
-                        value.get("num_heads"), value.get("num_kv_heads"))
+                        value.get("num_heads"), value.get("num_kv_heads"), bool(value.get("gather_output", False)))
         else:
             raise PlanError(f"plan entry {entry!r}: {value!r} is not a style; styles: {', '.join(STYLES)}")
         if layer.style not in STYLES:
@@ -78,7 +81,7 @@ class LayerPlan:
 
     def to_data(self) -> str | dict:
         """The plain-data form: the style name alone when nothing else is set."""
-        data = {k: v for k, v in asdict(self).items() if v is not None}
+        data = {k: v for k, v in asdict(self).items() if v is not None and v is not False}
         return self.style if len(data) == 1 else data
 
 
@@ -208,6 +211,8 @@ def _record(name: str, module: nn.Module, layer: LayerPlan, source: str, n: int,
         )
     if not is_embedding and layer.style == "vocab":
         raise PlanError(f"style 'vocab' applies to embeddings, not to {name} ({type(module).__name__}); use 'lm_head' or 'colwise'")
+    if layer.gather_output and layer.style not in ("colwise", "lm_head"):
+        raise PlanError(f"{name}: gather_output applies to styles colwise and lm_head, not {layer.style!r}")
     out_features, in_features = weight.shape
     sizes: tuple[int, ...] = ()
     specs: dict[str, Spec] = {}
@@ -221,7 +226,7 @@ def _record(name: str, module: nn.Module, layer: LayerPlan, source: str, n: int,
         specs["weight"] = (axis, None)
         if has_bias:
             specs["bias"] = (axis,)
-    return ShardingRecord(layer.style, specs, source, sizes)
+    return ShardingRecord(layer.style, specs, source, sizes, output_spec=() if layer.gather_output else None)
 
 
 def _output_sizes(name: str, module: nn.Module, layer: LayerPlan, out_features: int) -> tuple[int, ...]:

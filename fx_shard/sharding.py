@@ -45,7 +45,9 @@ class ShardingRecord:
     to its partition spec; a parameter absent from it is replicated.
     ``output_sizes`` is the fused layout for ``qkv`` / ``merged_colwise``;
     ``part_of`` names the fused module a split part came from; ``notes`` are
-    what passes want the report to say about this layer.
+    what passes want the report to say about this layer; ``output_spec``, when
+    set, pins the sharding of the layer's output (trailing dims; ``()``
+    replicated).
     """
 
     style: str
@@ -54,6 +56,7 @@ class ShardingRecord:
     output_sizes: tuple[int, ...] = ()
     part_of: str | None = None
     notes: tuple[str, ...] = ()
+    output_spec: Spec | None = None
 
 
 @dataclass(frozen=True)

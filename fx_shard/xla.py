@@ -123,13 +123,19 @@ def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
     """Move ``gm`` to the XLA device and shard each parameter as its node's record says.
 
     A parameter shared by several layers (tied embeddings) is marked once;
-    two records asking different specs for it is an error.
+    two records asking different specs for it is an error. Sharding
+    constraints in the graph get the mesh.
     """
+    from fx_shard.constraint import ShardingConstraint
+
     xs = _torch_xla().distributed.spmd
     _move_keeping_ties(gm, xla_device())
     for param, spec, owner in _param_specs(gm).values():
         xs.mark_sharding(param, mesh, spec)
         logger.debug("%s: %s", owner, spec)
+    for module in gm.modules():
+        if isinstance(module, ShardingConstraint):
+            module.mesh = mesh
     return gm
 
 

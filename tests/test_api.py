@@ -32,7 +32,8 @@ def test_transform_keeps_function_and_state_dict(name):
     assert not any(isinstance(m, SplitLinear) for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
-    passes = ("AnnotateSharding", "SplitFusedLinear", "RewireFusedConsumers", "FitHeadsToMesh", "AttentionToEinsum")
+    passes = ("AnnotateSharding", "SplitFusedLinear", "RewireFusedConsumers", "FitHeadsToMesh", "AttentionToEinsum",
+              "InsertShardingConstraints")
     assert gm.meta[SHARDING_KEY] == ModelSharding({"tp": 4}, "tp", passes)
 
 

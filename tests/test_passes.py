@@ -11,7 +11,14 @@ from torch.testing import FileCheck
 from fx_shard.capture import capture, linear_like_modules
 from fx_shard.layers import SplitLinear
 from fx_shard.ops import batched_matmul, einsum_attention
-from fx_shard.passes import AnnotateSharding, AttentionToEinsum, FitHeadsToMesh, RewireFusedConsumers, SplitFusedLinear
+from fx_shard.passes import (
+    AnnotateSharding,
+    AttentionToEinsum,
+    FitHeadsToMesh,
+    InsertShardingConstraints,
+    RewireFusedConsumers,
+    SplitFusedLinear,
+)
 from fx_shard.plan import ShardPlan
 from fx_shard.sharding import SHARDING_KEY, sharding_of
 from tests.toy import FusedAttention, GQAttention, HeadsAttention, VllmBlock, seeded
@@ -243,3 +250,28 @@ def test_fit_heads_shards_kv_over_the_kv_axis_of_a_2d_mesh():
             "so attention needs no collective",
         )
     assert not FitHeadsToMesh(mesh)(gm).modified
+
+
+@pytest.mark.parametrize("model_name", ["llama", "llama-vllm"])
+def test_insert_sharding_constraints_after_gathered_head(model_name):
+    from fx_shard import models
+    from fx_shard.constraint import ShardingConstraint
+
+    model = models.build(model_name)
+    (ids,) = models.example_inputs(model_name)
+    plan = {"lm_head": {"style": "lm_head", "gather_output": True}}
+    gm = annotated(model, plan)
+    assert InsertShardingConstraints()(gm).modified
+    gm.graph.lint()
+    (constraint,) = [n for n in gm.graph.find_nodes(op="call_module") if isinstance(gm.get_submodule(n.target), ShardingConstraint)]
+    assert constraint.target == "lm_head_output_constraint" and constraint.args[0].target == "lm_head"
+    assert gm.get_submodule(constraint.target).spec == ()
+    torch.testing.assert_close(gm(ids), model(ids))  # identity until materialized on XLA
+    code = gm.code
+    assert not InsertShardingConstraints()(gm).modified and gm.code == code
+
+
+def test_no_constraint_unless_asked():
+    gm = annotated(seeded(VllmBlock))
+    code = gm.code
+    assert not InsertShardingConstraints()(gm).modified and gm.code == code

@@ -69,3 +69,21 @@ def test_gqa_on_a_kv_mesh_shards_kv_without_collectives(name, devices):
     assert local_shapes(gm.get_submodule(k).weight) == {(8, 64)}  # 2 KV heads of 8 over kv=2
     with torch.no_grad():
         assert relative_error(gm(*(t.to(fx_shard.xla_device()) for t in inputs)), model(*inputs)) <= 1e-5
+
+
+def test_logits_stay_vocab_sharded_unless_gathered(mesh, devices):
+    import torch_xla
+
+    inputs = models.example_inputs("llama")
+    model = models.build("llama")
+    plans = {False: PLANS["llama"], True: {**PLANS["llama"], "lm_head": {"style": "lm_head", "gather_output": True}}}
+    for gather, plan in plans.items():
+        gm = fx_shard.shard(model, mesh, plan, example_inputs=inputs)
+        counts = collectives(gm, *inputs)
+        assert dict(counts) == {"all-reduce": 5, **ZERO, "all-gather": int(gather)}
+        with torch.no_grad():
+            logits = gm(*(t.to(fx_shard.xla_device()) for t in inputs))
+            torch_xla.sync()
+            spec = torch_xla._XLAC._get_xla_sharding_spec(logits)
+            assert ("replicated" in spec or spec == "") if gather else spec.startswith(f"{{devices=[1,1,{devices}]")
+            assert relative_error(logits, model(*inputs)) <= 1e-5

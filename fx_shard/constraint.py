@@ -1,0 +1,35 @@
+"""ShardingConstraint: pin an activation's sharding where XLA's propagation should not choose."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fx_shard.sharding import Spec
+
+__all__ = ["ShardingConstraint"]
+
+
+class ShardingConstraint(nn.Module):
+    """Identity that marks its input's sharding on the XLA device.
+
+    ``spec`` names the trailing dimensions (leading ones are replicated), so
+    one constraint serves any batch rank; ``()`` means fully replicated.
+    Until ``materialize`` gives it a mesh (and off XLA) it does nothing.
+    """
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self.spec = tuple(spec)
+        self.mesh = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mesh is None or x.device.type != "xla":
+            return x
+        import torch_xla.distributed.spmd as xs
+
+        xs.mark_sharding(x, self.mesh, (None,) * (x.dim() - len(self.spec)) + self.spec)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}"
