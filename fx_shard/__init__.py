@@ -5,6 +5,7 @@ Importing fx_shard does not start the XLA runtime; ``make_mesh``,
 """
 
 from fx_shard.api import shard, shard_model, transform
+from fx_shard.collectives import Collectives, collectives
 from fx_shard.errors import CaptureError, FxShardError, PlanError
 from fx_shard.plan import STYLES, LayerPlan, ShardPlan
 from fx_shard.report import report
@@ -15,12 +16,14 @@ __all__ = [
     "STYLES",
     "SHARDING_KEY",
     "CaptureError",
+    "Collectives",
     "FxShardError",
     "LayerPlan",
     "ModelSharding",
     "PlanError",
     "ShardPlan",
     "ShardingRecord",
+    "collectives",
     "init_runtime",
     "make_mesh",
     "report",

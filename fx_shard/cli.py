@@ -26,10 +26,13 @@ def demo(model_name: str, devices: int, batch: int) -> int:
     with torch.no_grad():
         expected = model(*inputs)
         mesh = fx_shard.make_mesh()
-        gm = fx_shard.shard(model, mesh, PLANS[model_name])
+        gm = fx_shard.shard(model, mesh, PLANS[model_name], example_inputs=inputs)
+        counts = fx_shard.collectives(gm, *inputs)
         device = fx_shard.xla_device()
         actual = gm(*(t.to(device) for t in inputs)).cpu()
     print(fx_shard.report(gm))
+    found = ", ".join(f"{op} {n}" for op, n in counts.nonzero().items()) or "none"
+    print(f"\ncollectives in one forward (XLA's partitioned HLO): {found}")
     error = (actual - expected).abs().max().item() / expected.abs().max().item()
     agree = error <= TOLERANCE
     print(

@@ -32,5 +32,7 @@ def test_demo_agrees_with_unsharded(model, devices):
     out = proc.stdout
     assert f"{model}: sharded over {devices} XLA devices" in out
     assert "(within 1e-05)" in out
+    # 2 blocks: 2 all-reduces each, 1 for the vocabulary-parallel embedding, nothing else.
+    assert "collectives in one forward (XLA's partitioned HLO): all-reduce 5\n" in out
     layer = "model.layers.0.self_attn.q_proj" if model == "llama" else "transformer.h.0.attn.c_attn.q"
     assert re.search(rf"^{re.escape(layer)}\s+colwise\s", out, flags=re.M), out
