@@ -1,0 +1,126 @@
+"""Small facts about fx nodes that planning and passes both read: op kinds, ranks, feature sizes.
+
+Feature sizes (last dimensions) are the model's own; every other dimension
+belongs to the example inputs, so nothing here reads them.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import fx
+
+__all__ = [
+    "CHUNK",
+    "PERMUTE",
+    "RESHAPE",
+    "SPLIT",
+    "UNBIND",
+    "is_last_dim",
+    "op_of",
+    "parts_axis",
+    "rank",
+    "shape_args",
+    "split_sections",
+    "static_int",
+]
+
+SPLIT = ("split", torch.split, torch.Tensor.split)
+CHUNK = ("chunk", torch.chunk, torch.Tensor.chunk)
+UNBIND = ("unbind", torch.unbind, torch.Tensor.unbind)
+RESHAPE = ("view", "reshape", torch.reshape, torch.Tensor.view, torch.Tensor.reshape)
+PERMUTE = ("permute", torch.permute, torch.Tensor.permute)
+
+_ARITHMETIC: dict[Callable, Callable] = {
+    operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,
+}
+
+
+def op_of(node: fx.Node):
+    """The function or method name a node calls, or None for other ops."""
+    return node.target if node.op in ("call_method", "call_function") else None
+
+
+def rank(node: fx.Node) -> int | None:
+    """The tensor rank from shape propagation, if known."""
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def is_last_dim(dim, tensor: fx.Node) -> bool:
+    """Whether ``dim`` names the last dimension of ``tensor`` (a positive dim needs its rank)."""
+    return dim == -1 or (isinstance(dim, int) and dim >= 0 and dim == (rank(tensor) or 0) - 1)
+
+
+def static_int(value, known: Mapping[fx.Node, int]) -> int | None:
+    """An int, or a node computing one from feature sizes (``x.shape[-1] // 2``).
+
+    ``known`` gives last-dim sizes of tensors without shape metadata.
+    """
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, fx.Node):
+        return None
+    source, dim = None, None
+    if value.target is operator.getitem and isinstance(value.args[0], fx.Node):
+        shape_of = value.args[0]
+        if shape_of.op == "call_function" and shape_of.target is getattr and shape_of.args[1] == "shape":
+            source, dim = shape_of.args[0], value.args[1]
+        elif shape_of.op == "call_method" and shape_of.target == "size" and len(shape_of.args) == 1:
+            source, dim = shape_of.args[0], value.args[1]
+    elif value.op == "call_method" and value.target == "size" and len(value.args) == 2:
+        source, dim = value.args
+    if source is not None:
+        return _last_dim_size(source, dim, known)
+    if value.op == "call_function" and value.target in _ARITHMETIC and len(value.args) == 2:
+        a, b = (static_int(v, known) for v in value.args)
+        return None if a is None or b is None else _ARITHMETIC[value.target](a, b)
+    return None
+
+
+def _last_dim_size(tensor: fx.Node, dim, known: Mapping[fx.Node, int]) -> int | None:
+    if not is_last_dim(dim, tensor):
+        return None
+    if tensor in known:
+        return known[tensor]
+    meta = tensor.meta.get("tensor_meta")
+    return int(meta.shape[-1]) if meta is not None and hasattr(meta, "shape") else None
+
+
+def shape_args(node: fx.Node) -> list:
+    """The shape (or permutation) arguments of a view/reshape/permute call, varargs or one sequence."""
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1])
+    return list(node.args[1:])
+
+
+def split_sections(user: fx.Node, source: fx.Node, features: int) -> list[int] | None:
+    """The sizes ``user`` (a split or chunk of ``source`` along its features) cuts ``features`` into."""
+    op = op_of(user)
+    if op not in SPLIT + CHUNK or not user.args or user.args[0] is not source:
+        return None
+    kwargs = user.kwargs
+    amount = user.args[1] if len(user.args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("chunks")))
+    dim = user.args[2] if len(user.args) > 2 else kwargs.get("dim", 0)
+    if not is_last_dim(dim, source):
+        return None
+    known = {source: features}
+    if isinstance(amount, (list, tuple)):
+        sections = [static_int(a, known) for a in amount]
+        return sections if op not in CHUNK and None not in sections and sum(sections) == features else None
+    if op in CHUNK:
+        return [features // amount] * amount if isinstance(amount, int) and features % amount == 0 else None
+    size = static_int(amount, known)
+    return [size] * (features // size) if size and features % size == 0 else None
+
+
+def parts_axis(values: list[int | None], parts: int, part_size: int) -> int | None:
+    """The axis of a reshape ``(*lead, parts, *tail)`` with ``prod(tail) == part_size``, if any."""
+    for axis, value in enumerate(values):
+        tail = values[axis + 1:]
+        if value == parts and all(v is not None and v > 0 for v in tail) and math.prod(tail) == part_size:
+            return axis
+    return None
