@@ -19,8 +19,9 @@ from fx_shard.passes import (
     RewireFusedConsumers,
     SplitFusedLinear,
 )
+from fx_shard.infer import infer_plan
 from fx_shard.plan import ShardPlan, resolve_tp_axis
-from fx_shard.sharding import SHARDING_KEY, ModelSharding
+from fx_shard.sharding import SHARDING_KEY, ModelSharding, axis_size
 from fx_shard.xla import materialize, mesh_shape_of
 
 __all__ = ["shard", "shard_model", "transform"]
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def transform(
     model: nn.Module,
-    plan: ShardPlan | Mapping | None = None,
+    plan: ShardPlan | Mapping | str | None = None,
     *,
     mesh_shape: Mapping[str, int],
     tp_axis: str | None = None,
@@ -48,7 +49,9 @@ def transform(
     gm = capture(copy.deepcopy(model))
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs)
-    records = ShardPlan.coerce(plan).resolve(linear_like_modules(gm), mesh_shape, axis)
+    shard_plan = ShardPlan.coerce(plan)
+    inferred = infer_plan(gm, axis_size(mesh_shape, axis)) if shard_plan.auto else None
+    records = shard_plan.resolve(linear_like_modules(gm), mesh_shape, axis, inferred)
     passes = [
         AnnotateSharding(records),
         SplitFusedLinear(),
@@ -65,7 +68,7 @@ def transform(
 def shard(
     model: nn.Module,
     mesh,
-    plan: ShardPlan | Mapping | None = None,
+    plan: ShardPlan | Mapping | str | None = None,
     *,
     tp_axis: str | None = None,
     example_inputs: tuple | None = None,

@@ -7,7 +7,8 @@ A ``ShardPlan`` is ordered data. Precedence, highest first:
    that matches, in insertion order;
 3. the seed's rules by layer class name (``layers.CLASS_STYLES``), base
    classes included;
-4. otherwise the layer stays replicated, and the record says no rule covered it.
+4. with ``auto``, what ``fx_shard.infer`` finds in the graph's data flow;
+5. otherwise the layer stays replicated, and the record says no rule covered it.
 
 ``resolve`` turns the plan into one ``ShardingRecord`` per layer before any
 graph rewriting, checking every entry matched something and every sharded
@@ -22,10 +23,14 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from fx_shard.errors import PlanError
+
+if TYPE_CHECKING:
+    from fx_shard.infer import Inferred
 from fx_shard.layers import class_style
 from fx_shard.sharding import Axis, ShardingRecord, Spec, axis_names, axis_size
 
@@ -91,9 +96,12 @@ class ShardPlan:
     >>> plan = ShardPlan({"*.q_proj": "colwise"}).set_module_name("*.o_proj", "rowwise")
     """
 
-    def __init__(self, entries: Mapping[str, str | Mapping | LayerPlan] | None = None, *, class_rules: bool = True) -> None:
+    def __init__(
+        self, entries: Mapping[str, str | Mapping | LayerPlan] | None = None, *, class_rules: bool = True, auto: bool = False
+    ) -> None:
         self.entries: dict[str, LayerPlan] = {}
         self.class_rules = class_rules
+        self.auto = auto
         for pattern, value in (entries or {}).items():
             self.set_module_name(pattern, value)
 
@@ -102,12 +110,14 @@ class ShardPlan:
         """A ``ShardPlan`` from what ``shard`` / ``transform`` accept as ``plan``."""
         if plan is None:
             return cls()
+        if plan == "auto":
+            return cls(auto=True)
         if isinstance(plan, ShardPlan):
             return plan
         if isinstance(plan, Mapping):
             return cls(plan)
         raise PlanError(
-            f"plan={plan!r} is not a plan; pass a ShardPlan, a dict of module-name pattern to style, "
+            f"plan={plan!r} is not a plan; pass 'auto', a ShardPlan, a dict of module-name pattern to style, "
             "or None for the class-name rules alone"
         )
 
@@ -122,16 +132,18 @@ class ShardPlan:
         return self
 
     def to_dict(self) -> dict:
-        return {"entries": {p: layer.to_data() for p, layer in self.entries.items()}, "class_rules": self.class_rules}
+        entries = {p: layer.to_data() for p, layer in self.entries.items()}
+        return {"entries": entries, "class_rules": self.class_rules, "auto": self.auto}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> ShardPlan:
-        return cls(data.get("entries", {}), class_rules=data.get("class_rules", True))
+        return cls(data.get("entries", {}), class_rules=data.get("class_rules", True), auto=data.get("auto", False))
 
     def __repr__(self) -> str:
-        lines = ["ShardPlan(  # precedence: exact name > first matching pattern > class rules > replicate"]
+        lines = ["ShardPlan(  # precedence: exact name > first matching pattern > class rules > auto > replicate"]
         lines += [f"  {p!r}: {layer.to_data()!r}," for p, layer in self.entries.items()]
         lines.append(f"  class_rules={self.class_rules},")
+        lines.append(f"  auto={self.auto},")
         return "\n".join(lines) + "\n)"
 
     def match(self, name: str) -> str | None:
@@ -146,8 +158,17 @@ class ShardPlan:
                 return pattern
         return None
 
-    def resolve(self, modules: Mapping[str, nn.Module], mesh_shape: Mapping[str, int], tp_axis: Axis) -> dict[str, ShardingRecord]:
-        """One record per linear-like module (name -> module, in graph order)."""
+    def resolve(
+        self,
+        modules: Mapping[str, nn.Module],
+        mesh_shape: Mapping[str, int],
+        tp_axis: Axis,
+        inferred: Mapping[str, Inferred] | None = None,
+    ) -> dict[str, ShardingRecord]:
+        """One record per linear-like module (name -> module, in graph order).
+
+        ``inferred`` (``infer.infer_plan``) decides what entries and class rules leave open.
+        """
         records: dict[str, ShardingRecord] = {}
         used: set[str] = set()
         for name, module in modules.items():
@@ -158,6 +179,8 @@ class ShardPlan:
                 layer, source = self.entries[entry], f"plan entry {entry!r}"
             elif rule is not None:
                 layer, source = LayerPlan(rule[0]), f"class rule {rule[1]}"
+            elif inferred and name in inferred:
+                layer, source = inferred[name].layer, inferred[name].reason
             else:
                 layer, source = LayerPlan("replicate"), "no rule covers it"
             records[name] = _record(name, module, layer, source, axis_size(mesh_shape, tp_axis), tp_axis)

@@ -56,8 +56,9 @@ def test_round_trip_through_dict_and_repr_shows_precedence():
     assert again.to_dict() == plan.to_dict() == {
         "entries": {"*.q": "colwise", "k": {"style": "qkv", "output_sizes": (4, 2, 2)}},
         "class_rules": True,
+        "auto": False,
     }
-    assert "exact name > first matching pattern > class rules > replicate" in repr(plan)
+    assert "exact name > first matching pattern > class rules > auto > replicate" in repr(plan)
 
 
 def test_unknown_style_is_named():

@@ -87,3 +87,20 @@ def test_logits_stay_vocab_sharded_unless_gathered(mesh, devices):
             spec = torch_xla._XLAC._get_xla_sharding_spec(logits)
             assert ("replicated" in spec or spec == "") if gather else spec.startswith(f"{{devices=[1,1,{devices}]")
             assert relative_error(logits, model(*inputs)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", [*models.MODELS, "timm-vit"])
+def test_auto_plan_reaches_the_optimum(name, mesh):
+    if name == "timm-vit":
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=8, num_classes=10).eval()
+        inputs = (torch.randn(2, 3, 16, 16),)
+    else:
+        model, inputs = models.build(name), models.example_inputs(name)
+    gm = fx_shard.shard(model, mesh, "auto", example_inputs=inputs)
+    expected = 4 if name in ("vit", "timm-vit") else 5
+    assert dict(collectives(gm, *inputs)) == {"all-reduce": expected, **ZERO}
+    with torch.no_grad():
+        assert relative_error(gm(*(t.to(fx_shard.xla_device()) for t in inputs)), model(*inputs)) <= 1e-5
