@@ -10,21 +10,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from fx_shard.errors import FxShardError
-from fx_shard.hlo import CollectiveStats, collectives_in, dump_snapshot, partitioned_modules, program_memory
+from fx_shard.hlo import (
+    CollectiveStats,
+    collectives_in,
+    dump_snapshot,
+    partitioned_module_of,
+    partitioned_modules,
+    program_memory,
+    program_signature,
+)
 from fx_shard.xla import _torch_xla, hlo_dump_dir, xla_device
 
 __all__ = ["Collectives", "collectives", "device_parameter_bytes"]
-
-# Partitioned programs seen per graph hash, for graphs compiled before (no new dump).
-_PROGRAMS: dict[bytes, list[Path]] = {}
-
 
 @dataclass(frozen=True)
 class Collectives(Mapping[str, int]):
@@ -62,7 +65,8 @@ def collectives(model: nn.Module, *inputs, **kwargs) -> Collectives:
     """Run ``model(*inputs, **kwargs)`` once on the XLA device and count its collectives.
 
     Inputs are moved to the device (replicated). The forward runs without
-    gradients. Needs the HLO dump that ``fx_shard.init_runtime`` sets up
+    gradients. When XLA already compiled the same program in this process it
+    does not dump it again; the earlier dump is found by its content. Needs the HLO dump that ``fx_shard.init_runtime`` sets up
     before the runtime starts.
     """
     torch_xla = _torch_xla()
@@ -77,19 +81,18 @@ def collectives(model: nn.Module, *inputs, **kwargs) -> Collectives:
     with torch.no_grad():
         output = model(*moved_args, **moved_kwargs)
     tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
-    key = torch_xla._XLAC._get_graph_hash(tensors)
+    signature = program_signature(torch_xla._XLAC._get_xla_tensors_hlo(tensors))
     before = dump_snapshot(dump)
     torch_xla._XLAC._xla_sync_multi(tensors, [], True, True)
     files = partitioned_modules(dump, before)
-    if files:
-        _PROGRAMS[key] = files
-    elif key in _PROGRAMS:
-        files = _PROGRAMS[key]
-    else:
-        raise FxShardError(
-            f"{type(model).__name__}'s forward was compiled earlier in this process, outside collectives(), so "
-            "XLA wrote no HLO for it now; call fx_shard.collectives before the first run, or in a new process"
-        )
+    if not files:  # compiled before: XLA reused it, so find its earlier dump
+        earlier = partitioned_module_of(dump, signature)
+        if earlier is None:
+            raise FxShardError(
+                f"{type(model).__name__}'s forward was compiled before XLA's HLO dump could see it; "
+                "call fx_shard.collectives in a process whose runtime fx_shard.init_runtime started"
+            )
+        files = [earlier]
     memory = [program_memory(dump, f) for f in files]
     return Collectives(
         stats=collectives_in(files),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,7 @@ class _Instruction:
     shape: str
     opcode: str
     operands: str
+    attributes: str = ""
 
 
 def _split_shape(text: str) -> tuple[str, str] | None:
@@ -133,8 +135,9 @@ def _parse_instruction(line: str) -> _Instruction | None:
     if op is None:
         return None
     open_paren = op.end() - 1
-    operands = rest[open_paren + 1:_matching_paren(rest, open_paren) - 1]
-    return _Instruction(head.group("name"), shape, op.group("op"), operands)
+    close = _matching_paren(rest, open_paren)
+    operands = rest[open_paren + 1:close - 1]
+    return _Instruction(head.group("name"), shape, op.group("op"), operands, rest[close:].strip())
 
 
 def _top_level_elements(shape: str) -> list[str]:
@@ -290,3 +293,33 @@ def collectives_in(files: list[Path], include_transfers: bool = False) -> dict[s
             counts[op] += stats.count
             sizes[op] += stats.bytes
     return {op: CollectiveStats(counts[op], sizes[op]) for op in COLLECTIVE_OPS}
+
+
+_METADATA = re.compile(r",?\s*metadata=\{[^}]*\}")
+_NUMBERED_REFERENCE = re.compile(r"(%[\w\-]+)\.\d+")
+
+
+def program_signature(hlo_text: str) -> Counter:
+    """What a program computes, independent of instruction names and order.
+
+    Each instruction as ``shape opcode attributes`` (operands and metadata
+    left out), counted. Two texts of one program, as torch_xla hands it to
+    XLA (``_get_xla_tensors_hlo``) and as XLA dumps it before optimizing,
+    differ in names, numbering and parameter order, but not here; it is how
+    ``fx_shard.collectives`` finds an earlier dump of a cached program.
+    """
+    signature: Counter = Counter()
+    for inst in map(_parse_instruction, hlo_text.splitlines()):
+        if inst is not None:
+            attributes = _NUMBERED_REFERENCE.sub(r"\1", _METADATA.sub("", inst.attributes))
+            signature[f"{inst.shape} {inst.opcode} {attributes}"] += 1
+    return signature
+
+
+def partitioned_module_of(dump_dir: str | Path, signature: Counter) -> Path | None:
+    """The partitioned HLO file of the dumped program whose pre-optimization text has ``signature``."""
+    for before in sorted(Path(dump_dir).glob("*before_optimizations.txt")):
+        if program_signature(before.read_text(errors="replace")) == signature:
+            prefix = before.name.removesuffix("before_optimizations.txt")
+            return next(iter(sorted(Path(dump_dir).glob(f"{prefix}*{_PARTITIONED_SUFFIX}"))), None)
+    return None

@@ -262,3 +262,31 @@ def test_column_parallel_matmul_needs_no_collective(tmp_path):
     assert nonzero(collectives_in(files, include_transfers=True)) == {
         "all-gather": CollectiveStats(1, 4 * 8 * 4)
     }
+
+
+def test_program_signature_ignores_names_numbering_order_and_metadata():
+    from fx_shard.hlo import program_signature
+
+    ours = """HloModule IrToHlo.6, entry_computation_layout={(f32[8,16]{1,0})->(f32[8]{0})}
+%AddComputation.2 (x.3: f32[], y.4: f32[]) -> f32[] {
+  ROOT %add.5 = f32[] add(f32[] %x.3, f32[] %y.4)
+}
+ENTRY %IrToHlo.6 (p0.1: f32[8,16]) -> (f32[8]) {
+  %p0.1 = f32[8,16]{1,0} parameter(0), sharding={devices=[1,4]0,1,2,3}
+  %constant.7 = f32[] constant(0)
+  %reduce.8 = f32[8]{0} reduce(f32[8,16]{1,0} %p0.1, f32[] %constant.7), dimensions={1}, to_apply=%AddComputation.2, metadata={op_type="aten__sum"}
+  ROOT %tuple.9 = (f32[8]{0}) tuple(f32[8]{0} %reduce.8)
+}"""
+    dumped = """HloModule SyncTensorsGraph.16, num_partitions=4
+%AddComputation.12 (x.13: f32[], y.14: f32[]) -> f32[] {
+  ROOT %add.15 = f32[] add(%x.13, %y.14)
+}
+ENTRY %SyncTensorsGraph.16 (p0.11: f32[8,16]) -> (f32[8]) {
+  %constant.17 = f32[] constant(0)
+  %p0.11 = f32[8,16]{1,0} parameter(0), sharding={devices=[1,4]0,1,2,3}
+  %reduce.18 = f32[8]{0} reduce(%p0.11, %constant.17), dimensions={1}, to_apply=%AddComputation.12
+  ROOT %tuple.19 = (f32[8]{0}) tuple(%reduce.18)
+}"""
+    assert program_signature(ours) == program_signature(dumped)
+    resharded = dumped.replace("devices=[1,4]0,1,2,3", "devices=[4,1]0,1,2,3")
+    assert program_signature(ours) != program_signature(resharded)

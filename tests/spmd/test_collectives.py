@@ -104,3 +104,13 @@ def test_auto_plan_reaches_the_optimum(name, mesh):
     assert dict(collectives(gm, *inputs)) == {"all-reduce": expected, **ZERO}
     with torch.no_grad():
         assert relative_error(gm(*(t.to(fx_shard.xla_device()) for t in inputs)), model(*inputs)) <= 1e-5
+
+
+def test_collectives_of_a_program_compiled_before(mesh):
+    # XLA reuses a compiled program without dumping it again; its earlier dump is found by content.
+    inputs = models.example_inputs("gpt2")
+    gm = fx_shard.shard(models.build("gpt2", n_layer=4), mesh, PLANS["gpt2"], example_inputs=inputs)
+    with torch.no_grad():
+        gm(*(t.to(fx_shard.xla_device()) for t in inputs)).cpu()
+    assert dict(collectives(gm, *inputs)) == {"all-reduce": 9, **ZERO}
+    assert dict(collectives(gm, *inputs)) == {"all-reduce": 9, **ZERO}
