@@ -14,14 +14,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from fx_shard.errors import CaptureError
-from fx_shard.layers import class_style
+from fx_shard.layers import class_style, is_transposed_linear
 
 __all__ = ["LinearLeafTracer", "capture", "is_linear_like", "linear_like_modules", "propagate_shapes"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
     """Whether fx_shard plans this module as one layer."""
-    return isinstance(module, (nn.Linear, nn.Embedding)) or class_style(module) is not None
+    return isinstance(module, (nn.Linear, nn.Embedding)) or class_style(module) is not None or is_transposed_linear(module)
 
 
 class LinearLeafTracer(fx.Tracer):

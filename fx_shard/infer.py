@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fx_shard.capture import is_linear_like
+from fx_shard.layers import in_features, out_features
 from fx_shard.patterns import RESHAPE, op_of, parts_axis, shape_args, split_sections, static_int
 from fx_shard.plan import LayerPlan
 
@@ -96,8 +97,8 @@ def infer_plan(gm: fx.GraphModule, ways: int) -> dict[str, Inferred]:
 def _pair(gm: fx.GraphModule, node: fx.Node, row_targets: Mapping[str, list[str]], ways: int) -> dict[str, Inferred]:
     """Column decision for ``node`` and row decisions for its partners, or replication when ``ways`` does not divide."""
     module = gm.get_submodule(node.target)
-    out_features = module.weight.shape[0]
-    fused = _fused_layout(node, out_features)
+    outputs = out_features(module)
+    fused = _fused_layout(node, outputs)
     partners = ", ".join(row_targets)
     if fused is not None:
         style, sizes, how = fused
@@ -107,14 +108,13 @@ def _pair(gm: fx.GraphModule, node: fx.Node, row_targets: Mapping[str, list[str]
     else:
         layer = LayerPlan("colwise")
         reason = f"inferred: column-parallel into {partners}"
-        divides = out_features % ways == 0
+        divides = outputs % ways == 0
     if not divides:
-        why = f"inferred: replicated, {out_features} output features do not split {ways} ways"
+        why = f"inferred: replicated, {outputs} output features do not split {ways} ways"
         return {node.target: Inferred(LayerPlan("replicate"), why)}
     decisions = {node.target: Inferred(layer, reason)}
     for target in row_targets:
-        in_features = gm.get_submodule(target).weight.shape[1]
-        if in_features % ways == 0:
+        if in_features(gm.get_submodule(target)) % ways == 0:
             feeders = ", ".join(row_targets[target])
             decisions[target] = Inferred(LayerPlan("rowwise"), f"inferred: row-parallel after {feeders}")
     return decisions
@@ -197,6 +197,5 @@ def _fused_layout(node: fx.Node, features: int) -> tuple[str, list[int], str] | 
 
 
 def _is_head(gm: fx.GraphModule, module: nn.Module, ways: int) -> bool:
-    out_features, in_features = module.weight.shape
     tied = any(m is not module and getattr(m, "weight", None) is module.weight for m in gm.modules())
-    return out_features % ways == 0 and (tied or out_features > in_features)
+    return out_features(module) % ways == 0 and (tied or out_features(module) > in_features(module))

@@ -45,6 +45,24 @@ CLASS_STYLES: dict[str, str] = {
 }
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear whose weight is stored ``(in, out)``."""
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and hasattr(module, "nf")
+
+
+def output_dim(module: nn.Module) -> int:
+    """The weight dimension that indexes output features: 0, or 1 for ``Conv1D``."""
+    return 1 if is_transposed_linear(module) else 0
+
+
+def out_features(module: nn.Module) -> int:
+    return module.weight.shape[output_dim(module)]
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[1 - output_dim(module)]
+
+
 def class_style(module: nn.Module) -> tuple[str, str] | None:
     """The ``(style, class name)`` of the nearest class in the MRO named in ``CLASS_STYLES``."""
     for cls in type(module).__mro__:
@@ -278,6 +296,7 @@ class SplitLinear(nn.Module):
         self.part_names = tuple(parts)
         self.output_sizes = list(output_sizes)
         first = parts[self.part_names[0]]
+        self.dim = output_dim(first)
         self.return_bias = getattr(first, "return_bias", False)
         self.skip_bias_add = getattr(first, "skip_bias_add", False)
         self._register_state_dict_hook(_save_fused)
@@ -285,16 +304,17 @@ class SplitLinear(nn.Module):
 
     @classmethod
     def from_fused(cls, fused: nn.Module, names: Sequence[str], output_sizes: Sequence[int]) -> SplitLinear:
-        """Split ``fused``'s weight rows (and bias) by ``output_sizes``, sharing its storage."""
+        """Split ``fused``'s weight (output features) and bias by ``output_sizes``, sharing its storage."""
         parts: dict[str, nn.Module] = {}
         start = 0
+        dim = output_dim(fused)
         for name, size in zip(names, output_sizes):
-            rows = slice(start, start + size)
-            start += size
             part = _empty_like_linear(fused, size)
-            part.weight = nn.Parameter(fused.weight.detach()[rows], requires_grad=fused.weight.requires_grad)
+            weight = fused.weight.detach().narrow(dim, start, size)
+            part.weight = nn.Parameter(weight, requires_grad=fused.weight.requires_grad)
             if fused.bias is not None:
-                part.bias = nn.Parameter(fused.bias.detach()[rows], requires_grad=fused.bias.requires_grad)
+                part.bias = nn.Parameter(fused.bias.detach()[start:start + size], requires_grad=fused.bias.requires_grad)
+            start += size
             parts[name] = part
         return cls(parts, output_sizes)
 
@@ -309,26 +329,29 @@ class SplitLinear(nn.Module):
 
 def _empty_like_linear(fused: nn.Module, out_features: int) -> nn.Module:
     """A linear of ``fused``'s kind and flags with ``out_features`` outputs, on meta until filled."""
-    in_features = fused.weight.shape[1]
     has_bias = fused.bias is not None
+    if is_transposed_linear(fused):
+        with torch.device("meta"):
+            return type(fused)(out_features, in_features(fused))
     if isinstance(fused, LinearBase) or hasattr(fused, "return_bias"):
         return ColumnParallelLinear(
-            in_features, out_features, bias=has_bias, skip_bias_add=getattr(fused, "skip_bias_add", False),
+            in_features(fused), out_features, bias=has_bias, skip_bias_add=getattr(fused, "skip_bias_add", False),
             return_bias=fused.return_bias, device="meta",
         )
-    return nn.Linear(in_features, out_features, bias=has_bias, device="meta")
+    return nn.Linear(in_features(fused), out_features, bias=has_bias, device="meta")
 
 
 def _save_fused(module: SplitLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     for field in ("weight", "bias"):
         keys = [f"{prefix}{name}.{field}" for name in module.part_names]
         if keys[0] in state_dict:
-            state_dict[prefix + field] = torch.cat([state_dict.pop(k) for k in keys], dim=0)
+            state_dict[prefix + field] = torch.cat([state_dict.pop(k) for k in keys], dim=module.dim if field == "weight" else 0)
 
 
 def _load_fused(module: SplitLinear, state_dict: dict, prefix: str, *args) -> None:
     for field in ("weight", "bias"):
         fused = state_dict.pop(prefix + field, None)
         if fused is not None:
-            for name, piece in zip(module.part_names, torch.split(fused, module.output_sizes, dim=0)):
+            dim = module.dim if field == "weight" else 0
+            for name, piece in zip(module.part_names, torch.split(fused, module.output_sizes, dim=dim)):
                 state_dict[f"{prefix}{name}.{field}"] = piece

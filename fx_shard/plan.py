@@ -31,7 +31,7 @@ from fx_shard.errors import PlanError
 
 if TYPE_CHECKING:
     from fx_shard.infer import Inferred
-from fx_shard.layers import class_style
+from fx_shard.layers import class_style, in_features, out_features, output_dim
 from fx_shard.sharding import Axis, ShardingRecord, Spec, axis_names, axis_size
 
 __all__ = ["STYLES", "LayerPlan", "ShardPlan", "resolve_tp_axis"]
@@ -236,17 +236,19 @@ def _record(name: str, module: nn.Module, layer: LayerPlan, source: str, n: int,
         raise PlanError(f"style 'vocab' applies to embeddings, not to {name} ({type(module).__name__}); use 'lm_head' or 'colwise'")
     if layer.gather_output and layer.style not in ("colwise", "lm_head"):
         raise PlanError(f"{name}: gather_output applies to styles colwise and lm_head, not {layer.style!r}")
-    out_features, in_features = weight.shape
+    outputs, inputs = out_features(module), in_features(module)
+    # Weight specs for a (out, in) layout, flipped for Conv1D's (in, out).
+    column, row = ((axis, None), (None, axis))[:: 1 if output_dim(module) == 0 else -1]
     sizes: tuple[int, ...] = ()
     specs: dict[str, Spec] = {}
     if layer.style == "rowwise":
-        _check_divides(name, "input features", in_features, n, axis)
-        specs["weight"] = (None, axis)
+        _check_divides(name, "input features", inputs, n, axis)
+        specs["weight"] = row
     elif layer.style != "replicate":
-        sizes = _output_sizes(name, module, layer, out_features) if layer.style in _FUSED else ()
-        for size in sizes or (out_features,):
+        sizes = _output_sizes(name, module, layer, outputs) if layer.style in _FUSED else ()
+        for size in sizes or (outputs,):
             _check_divides(name, "output features" if not sizes else f"part size (of {list(sizes)})", size, n, axis)
-        specs["weight"] = (axis, None)
+        specs["weight"] = column
         if has_bias:
             specs["bias"] = (axis,)
     return ShardingRecord(layer.style, specs, source, sizes, output_spec=() if layer.gather_output else None)

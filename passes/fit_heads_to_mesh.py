@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fx_shard.layers import out_features
 from fx_shard.passes.utils import result
 from fx_shard.sharding import SHARDING_KEY, axis_names, sharding_of
 
@@ -43,7 +44,7 @@ class FitHeadsToMesh(PassBase):
             record = sharding_of(node)
             if record is None or record.style != "colwise":
                 continue
-            features = graph_module.get_submodule(node.target).weight.shape[0]
+            features = out_features(graph_module.get_submodule(node.target))
             head_dim = head_dim_of(node, features)
             axes = axis_names(record.specs["weight"][0])
             if head_dim is None or (features // head_dim) % self._ways(axes) == 0:

@@ -275,3 +275,30 @@ def test_no_constraint_unless_asked():
     gm = annotated(seeded(VllmBlock))
     code = gm.code
     assert not InsertShardingConstraints()(gm).modified and gm.code == code
+
+
+def test_split_conv1d_fused_qkv_keeps_function_and_checkpoint_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2Like(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn, self.c_proj = Conv1D(3 * 32, 32), Conv1D(32, 32)
+
+        def forward(self, x):
+            q, k, v = self.c_attn(x).split(32, dim=2)
+            return self.c_proj(q * k + v)
+
+    model = seeded(GPT2Like)
+    x = torch.randn(2, 5, 32)
+    gm = split_for(model, {"c_attn": "qkv", "c_proj": "rowwise"}, (x,))
+    records = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module")}
+    # Conv1D stores (in, out): column-parallel shards dim 1, row-parallel dim 0.
+    assert records["c_attn.q"].specs == {"weight": (None, "tp"), "bias": ("tp",)}
+    assert records["c_proj"].specs == {"weight": ("tp", None)}
+    assert gm.get_submodule("c_attn.k").weight.shape == (32, 32)
+    RewireFusedConsumers()(gm)
+    assert fused_cats(gm) == []
+    torch.testing.assert_close(gm(x), model(x))
+    assert {k: v.shape for k, v in gm.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    torch.testing.assert_close(gm.state_dict()["c_attn.weight"], model.c_attn.weight, rtol=0, atol=0)
