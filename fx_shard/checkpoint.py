@@ -1,0 +1,416 @@
+"""Load an original checkpoint straight into a rewritten model's sharded layout.
+
+A rewritten GraphModule keeps the model's ``state_dict`` keys (a split QKV
+saves fused, see ``SplitLinear``), so ``gm.state_dict()`` and
+``gm.load_state_dict(original)`` work as they do on the model. Plain
+``load_state_dict`` on a sharded model keeps every parameter's sharding, but
+``param.copy_`` first sends the whole tensor to every device and reshards it
+on the next step. ``load_sharded`` sends each device only its own piece:
+
+>>> model = models.build("llama", device="meta")            # nothing allocated
+>>> gm = fx_shard.transform(model, plan, mesh_shape={"tp": 8}, example_inputs=inputs)
+>>> load_sharded(gm, "checkpoint/", mesh, model=model)      # *.safetensors, read per shard
+
+For each parameter it reads, per device, only the rows and columns that
+device holds (``safe_open(...).get_slice``; a split QKV part reads its rows of
+the fused tensor) and builds the sharded XLA tensor from those pieces with
+``torch_xla._XLAC._global_tensor_from_cpu_shards``, with the sharding
+``xs.mark_sharding`` would give it. Tied parameters stay one tensor;
+non-persistent buffers (rotary tables), which no checkpoint holds, are taken
+from ``model`` or recomputed with its ``reset_buffers()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from fx_shard.errors import FxShardError, PlanError
+from fx_shard.layers import SplitLinear
+from fx_shard.sharding import SHARDING_KEY, Spec, axis_names, local_shape
+from fx_shard.xla import _param_specs, _torch_xla, mesh_shape_of, xla_device
+
+__all__ = ["load_sharded", "shard_indices"]
+
+logger = logging.getLogger(__name__)
+
+Source = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, torch.Tensor]
+
+
+def load_sharded(
+    gm: fx.GraphModule,
+    source: Source,
+    mesh,
+    *,
+    model: nn.Module | None = None,
+    strict: bool = True,
+) -> fx.GraphModule:
+    """Fill ``gm`` (a ``transform`` / ``shard`` result) from ``source``, each tensor in its sharded layout.
+
+    ``source`` is a ``.safetensors`` file, a directory of them, a list of
+    files, or a ``state_dict`` (CPU tensors), with the original model's keys.
+    ``mesh`` must have the shape ``gm`` was transformed for. Parameters on
+    ``meta`` become new XLA Parameters; parameters already on the device keep
+    their identity (``param.data`` is replaced). Every sharded parameter is
+    built from per-device pieces, so no device ever receives the whole
+    tensor; replicated parameters go to every device whole, as ``shard``
+    places them. Non-persistent buffers still on ``meta`` are copied from
+    ``model`` (the module ``gm`` was transformed from), or, if ``model``'s are
+    on ``meta`` too, recomputed by its owning module's ``reset_buffers()``.
+
+    Missing keys are an error (a parameter left on ``meta`` cannot run);
+    with ``strict`` (the default) so are keys no parameter or buffer takes.
+    Returns ``gm``.
+    """
+    summary = gm.meta.get(SHARDING_KEY)
+    if summary is None:
+        raise FxShardError(
+            f"{type(gm).__name__} has no sharding summary in gm.meta[{SHARDING_KEY!r}]; "
+            "load into the result of fx_shard.transform or fx_shard.shard"
+        )
+    if mesh_shape_of(mesh) != dict(summary.mesh_shape):
+        raise PlanError(
+            f"gm was transformed for mesh {dict(summary.mesh_shape)} but the mesh given is {mesh_shape_of(mesh)}; "
+            f"transform the model again with mesh_shape={mesh_shape_of(mesh)}"
+        )
+    device = xla_device()
+    specs = {id(param): spec for param, spec, _ in _param_specs(gm).values()}
+    with _open(source) as reader:
+        plan, missing, left_on_meta = [], [], []
+        for group in _tensor_groups(gm):
+            location = next((loc for loc in group.locations if loc.key in reader.shapes), None)
+            if location is not None:
+                _check_shape(location, reader.shapes[location.key])
+                plan.append((group, location))
+            elif group.persistent:
+                missing.append(group.locations[0].key)
+                if group.tensor.is_meta:
+                    left_on_meta.append(group.locations[0].name)
+        unexpected = sorted(set(reader.shapes) - {location.key for _, location in plan})
+        if left_on_meta or (strict and (missing or unexpected)):
+            raise FxShardError(_mismatch_message(missing, unexpected, left_on_meta))
+        buffers = _unsaved_buffers(gm, model)
+        # Nothing is touched before the checkpoint and the buffers are known to fit.
+        for group, location in plan:
+            if group.is_param:
+                loaded = _load_param(reader, location, group.tensor, specs.get(id(group.tensor)), mesh, device)
+            else:
+                loaded = _read(reader, location, _full_index(group.tensor.shape)).to(group.tensor.dtype).to(device)
+            _install(gm, group, loaded)
+    for group, buffer in buffers:
+        buffer = buffer.to(device)
+        for path, field in group.owners:
+            gm.get_submodule(path)._buffers[field] = buffer
+    logger.info("load_sharded: %d tensors into %s", len(plan), type(gm).__name__)
+    return gm
+
+
+# --------------------------------------------------------------------------- where each tensor lives
+
+
+@dataclass(frozen=True)
+class _Location:
+    """Where a tensor of ``gm`` is in the checkpoint: ``key``, from row ``offset`` of a ``key_shape`` tensor."""
+
+    name: str
+    key: str
+    offset: int
+    key_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One tensor of ``gm`` with every (module, attribute) that holds it (tied weights: several)."""
+
+    tensor: torch.Tensor
+    owners: tuple[tuple[str, str], ...]
+    locations: tuple[_Location, ...]
+    is_param: bool
+    persistent: bool
+
+
+def _tensor_groups(gm: fx.GraphModule) -> Iterator[_Group]:
+    """Every parameter and persistent-or-not buffer of ``gm`` once, with its checkpoint locations."""
+    split_rows = _split_rows(gm)
+    groups: dict[int, dict] = {}
+    for path, module in gm.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for table, is_param in ((module._parameters, True), (module._buffers, False)):
+            for field, tensor in table.items():
+                if tensor is None:
+                    continue
+                name = prefix + field
+                key, offset, key_shape = split_rows.get(name, (name, 0, tuple(tensor.shape)))
+                persistent = is_param or field not in module._non_persistent_buffers_set
+                group = groups.setdefault(id(tensor), {
+                    "tensor": tensor, "owners": [], "locations": [], "is_param": is_param, "persistent": False,
+                })
+                if (path, field) not in group["owners"]:
+                    group["owners"].append((path, field))
+                    if persistent:
+                        group["locations"].append(_Location(name, key, offset, key_shape))
+                group["persistent"] |= persistent
+    for group in groups.values():
+        yield _Group(
+            group["tensor"], tuple(group["owners"]), tuple(group["locations"]), group["is_param"], group["persistent"]
+        )
+
+
+def _split_rows(gm: fx.GraphModule) -> dict[str, tuple[str, int, tuple[int, ...]]]:
+    """``{part tensor name: (fused key, first row, fused shape)}`` for every ``SplitLinear`` part."""
+    rows: dict[str, tuple[str, int, tuple[int, ...]]] = {}
+    for path, module in gm.named_modules():
+        if not isinstance(module, SplitLinear):
+            continue
+        prefix = f"{path}." if path else ""
+        for field in ("weight", "bias"):
+            parts = [getattr(getattr(module, n), field, None) for n in module.part_names]
+            if any(p is None for p in parts):
+                continue
+            fused_shape = (sum(module.output_sizes), *parts[0].shape[1:])
+            offset = 0
+            for part_name, size in zip(module.part_names, module.output_sizes):
+                rows[f"{prefix}{part_name}.{field}"] = (prefix + field, offset, fused_shape)
+                offset += size
+    return rows
+
+
+def _check_shape(location: _Location, shape: tuple[int, ...]) -> None:
+    if tuple(shape) != location.key_shape:
+        raise FxShardError(
+            f"checkpoint tensor {location.key!r} has shape {tuple(shape)}, but {location.name} needs "
+            f"{location.key_shape}; load a checkpoint of the same model configuration"
+        )
+
+
+def _mismatch_message(missing: list[str], unexpected: list[str], left_on_meta: list[str]) -> str:
+    lines = ["the checkpoint does not match the model:"]
+    if missing:
+        lines.append(f"missing keys ({len(missing)}): {_first(missing)}")
+    if left_on_meta:
+        lines.append(f"these would stay on meta: {_first(left_on_meta)}")
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
+    lines.append("load the checkpoint of this model (original keys; fused QKV as saved), or pass strict=False")
+    return "\n".join(lines)
+
+
+def _first(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Reader:
+    """Checkpoint tensors by key: their shapes, and any slice of one without reading the rest."""
+
+    def __init__(self, stack: ExitStack, source: Source) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._files: dict[str, object] = {}
+        if isinstance(source, Mapping):
+            self._tensors = dict(source)
+            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+            return
+        safe_open = _safe_open()
+        for path in _files(source):
+            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if key in self._files:
+                    raise FxShardError(f"checkpoint key {key!r} is in more than one file (second: {path})")
+                self._files[key] = handle
+                self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+
+    def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """``checkpoint[key][index]`` on the CPU; from a file, only those elements are read."""
+        if key in self._tensors:
+            return self._tensors[key][index].detach().cpu()
+        handle = self._files[key]
+        if all(s == slice(0, n) for s, n in zip(index, self.shapes[key])):
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[index]
+
+
+@contextmanager
+def _open(source: Source) -> Iterator[_Reader]:
+    with ExitStack() as stack:
+        yield _Reader(stack, source)
+
+
+def _safe_open():
+    try:
+        from safetensors import safe_open
+    except ImportError as e:
+        raise FxShardError(
+            "loading .safetensors files needs the safetensors package: `pip install safetensors` "
+            "(or pass a state_dict)"
+        ) from e
+    return safe_open
+
+
+def _files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.safetensors"))
+            if not found:
+                raise FxShardError(f"no *.safetensors file in {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FxShardError(f"checkpoint {path} does not exist")
+    return files
+
+
+def _full_index(shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in shape)
+
+
+def _read(reader: _Reader, location: _Location, index: tuple[slice, ...]) -> torch.Tensor:
+    """``index`` into the tensor at ``location`` (rows shifted to its place in a fused tensor)."""
+    if index:
+        rows = index[0]
+        index = (slice(rows.start + location.offset, rows.stop + location.offset), *index[1:])
+    return reader.read(location.key, index)
+
+
+# --------------------------------------------------------------------------- per-device pieces
+
+
+def shard_indices(shape: Sequence[int], spec: Spec | None, mesh) -> list[tuple[slice, ...]]:
+    """The part of a ``shape`` tensor sharded by ``spec`` over ``mesh`` that each device holds.
+
+    One index per device, by device id (mesh ``device_ids`` order is not
+    device order); each is a slice per dimension, unpadded (the last shard
+    of an uneven split is shorter, or empty). This is XLA's tiling as
+    ``xs.mark_sharding`` asks for it: a dimension split over axes ``(a, b)``
+    is split ``size(a) * size(b)`` ways, ``a`` major.
+    """
+    logical = mesh.get_logical_mesh()
+    names = list(mesh.axis_names)
+    indices: list[tuple[slice, ...]] = [()] * logical.size
+    for coords in _all_coords(logical.shape):
+        device = int(logical[coords])
+        index = []
+        for size, entry in zip(shape, spec or (None,) * len(shape)):
+            axes = axis_names(entry)
+            ways = math.prod(logical.shape[names.index(a)] for a in axes)
+            tile = 0
+            for a in axes:
+                tile = tile * logical.shape[names.index(a)] + coords[names.index(a)]
+            chunk = math.ceil(size / ways) if ways > 1 else size
+            start = min(tile * chunk, size)
+            index.append(slice(start, min(start + chunk, size)))
+        indices[device] = tuple(index)
+    return indices
+
+
+def _all_coords(shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    for flat in range(math.prod(shape)):
+        coords = []
+        for size in reversed(shape):
+            coords.append(flat % size)
+            flat //= size
+        yield tuple(reversed(coords))
+
+
+def _device_pieces(
+    reader: _Reader, location: _Location, shape: Sequence[int], spec: Spec, mesh, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Each device's piece of the tensor at ``location``, by device id, padded to one shard shape.
+
+    A piece that several devices hold (a replicated mesh axis) is read once.
+    """
+    padded = local_shape(shape, spec, mesh_shape_of(mesh))
+    cache: dict[tuple, torch.Tensor] = {}
+    pieces = []
+    for index in shard_indices(shape, spec, mesh):
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:
+            piece = _read(reader, location, index).to(dtype)
+            if tuple(piece.shape) != padded:
+                full = piece.new_zeros(padded)
+                full[tuple(slice(0, n) for n in piece.shape)] = piece
+                piece = full
+            cache[key] = piece
+        pieces.append(cache[key])
+    return pieces
+
+
+def _load_param(
+    reader: _Reader, location: _Location, param: torch.Tensor, spec: Spec | None, mesh, device
+) -> torch.Tensor:
+    if spec is None:
+        return _read(reader, location, _full_index(param.shape)).to(param.dtype).to(device)
+    torch_xla = _torch_xla()
+    pieces = _device_pieces(reader, location, param.shape, spec, mesh, param.dtype)
+    local = [int(d.split(":")[-1]) for d in torch_xla._XLAC._xla_get_runtime_devices()]
+    return torch_xla._XLAC._global_tensor_from_cpu_shards(
+        [pieces[d] for d in local], mesh.get_op_sharding(tuple(spec)), list(param.shape)
+    )
+
+
+def _install(gm: fx.GraphModule, group: _Group, loaded: torch.Tensor) -> None:
+    """Put ``loaded`` where ``group``'s tensor was: into the same Parameter if it is on the device, else a new one."""
+    old = group.tensor
+    if group.is_param and not old.is_meta and old.device.type == loaded.device.type:
+        old.data = loaded
+        return
+    new = nn.Parameter(loaded, requires_grad=old.requires_grad) if group.is_param else loaded
+    for path, field in group.owners:
+        table = gm.get_submodule(path)._parameters if group.is_param else gm.get_submodule(path)._buffers
+        table[field] = new
+
+
+# --------------------------------------------------------------------------- buffers no checkpoint holds
+
+
+def _unsaved_buffers(gm: fx.GraphModule, model: nn.Module | None) -> list[tuple[_Group, torch.Tensor]]:
+    """Each non-persistent buffer with its value: ``gm``'s, else ``model``'s, else from ``reset_buffers()``."""
+    buffers = []
+    for group in _tensor_groups(gm):
+        if group.is_param or group.persistent:
+            continue
+        buffer = group.tensor
+        if buffer.is_meta:
+            buffer = _buffer_from_model(model, *group.owners[0])
+        buffers.append((group, buffer))
+    return buffers
+
+
+def _buffer_from_model(model: nn.Module | None, path: str, field: str) -> torch.Tensor:
+    name = f"{path}.{field}" if path else field
+    if model is None:
+        raise FxShardError(
+            f"buffer {name} is on meta and no checkpoint holds it (non-persistent); pass model= (the module gm "
+            "was transformed from) so it can be copied or recomputed with the owner's reset_buffers()"
+        )
+    try:
+        owner = model.get_submodule(path)
+        buffer = owner._buffers[field]
+    except (AttributeError, KeyError) as e:
+        raise FxShardError(f"model has no buffer {name}; pass the module gm was transformed from") from e
+    if not buffer.is_meta:
+        return buffer
+    if not hasattr(owner, "reset_buffers"):
+        raise FxShardError(
+            f"buffer {name} is on meta in model too, and {type(owner).__name__} has no reset_buffers() to "
+            "recompute it; build the model with its buffers on the CPU (only parameters on meta)"
+        )
+    # A shallow copy whose buffers are empty CPU tensors: reset_buffers computes on its buffers' device.
+    clone = copy.copy(owner)
+    clone._buffers = {k: torch.empty(0, dtype=v.dtype) if v is not None else None for k, v in owner._buffers.items()}
+    clone.reset_buffers()
+    return clone._buffers[field]

@@ -1,0 +1,123 @@
+"""Checkpoints without XLA: original keys on save and load, fused rows, shard indices, lazy reads, buffers.
+
+What needs a device (load_sharded itself, torch.distributed.checkpoint) is in tests/spmd/test_checkpoint.py.
+"""
+
+from contextlib import ExitStack
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import fx_shard
+from fx_shard import models
+from fx_shard.checkpoint import _device_pieces, _Location, _Reader, _split_rows, _unsaved_buffers, shard_indices
+from fx_shard.errors import FxShardError
+from fx_shard.models.plans import PLANS
+
+
+def transformed(name, seed=0, device=None):
+    model = models.build(name, seed=seed, device=device)
+    inputs = models.example_inputs(name)
+    return model, fx_shard.transform(model, PLANS[name], mesh_shape={"tp": 4}, example_inputs=inputs)
+
+
+def fake_mesh(ids, shape, names):
+    """What shard_indices reads of an xs.Mesh, without an XLA runtime."""
+    ids = np.asarray(ids)
+    logical = ids.reshape(shape)
+    return SimpleNamespace(device_ids=ids, mesh_shape=shape, axis_names=names, get_logical_mesh=lambda: logical)
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_transformed_state_dict_is_the_original(name):
+    model, gm = transformed(name)
+    expected, actual = model.state_dict(), gm.state_dict()
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_original_checkpoint_loads_into_transformed_model(name):
+    _, gm = transformed(name)
+    other = models.build(name, seed=1)
+    result = gm.load_state_dict(other.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    inputs = models.example_inputs(name)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), other(*inputs))
+
+
+def test_split_parts_map_to_their_rows_of_the_fused_tensor():
+    _, gm = transformed("gpt2")
+    rows = _split_rows(gm)
+    assert rows["transformer.h.0.attn.c_attn.k.weight"] == ("transformer.h.0.attn.c_attn.weight", 64, (192, 64))
+    assert rows["transformer.h.1.attn.c_attn.v.bias"] == ("transformer.h.1.attn.c_attn.bias", 128, (192,))
+    assert len(rows) == 2 * 3 * 2  # 2 blocks, q/k/v, weight and bias
+
+    _, gm = transformed("llama-vllm")
+    rows = _split_rows(gm)
+    q, kv = 8 * 8, 2 * 8  # 8 heads, 2 KV heads, head_dim 8
+    assert rows["model.layers.0.self_attn.qkv_proj.v.weight"][1] == q + kv
+    gate_up = rows["model.layers.0.mlp.gate_up_proj.1.weight"]
+    assert gate_up[0] == "model.layers.0.mlp.gate_up_proj.weight" and gate_up[1] * 2 == gate_up[2][0]
+
+
+def test_shard_indices_tile_like_xla():
+    mesh = fake_mesh(range(4), (4,), ("tp",))
+    assert shard_indices((8, 3), ("tp", None), mesh) == [(slice(2 * i, 2 * i + 2), slice(0, 3)) for i in range(4)]
+    assert shard_indices((8, 3), None, mesh) == [(slice(0, 8), slice(0, 3))] * 4
+    # Uneven: shards of ceil(6 / 4) = 2 rows; the last device's is empty (XLA pads it).
+    assert [s[0] for s in shard_indices((6,), ("tp",), mesh)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 6)]
+
+    # Devices 3, 1, 0, 2 laid out as a 2 x 2 (kv, tp) mesh; results are indexed by device id.
+    mesh = fake_mesh([3, 1, 0, 2], (2, 2), ("kv", "tp"))
+    rows = [s[0] for s in shard_indices((8, 4), (("kv", "tp"), None), mesh)]
+    assert rows == [slice(4, 6), slice(2, 4), slice(6, 8), slice(0, 2)]
+    cols = [s[1] for s in shard_indices((8, 4), (None, "tp"), mesh)]
+    assert cols == [slice(0, 2), slice(2, 4), slice(2, 4), slice(0, 2)]
+
+
+def test_pieces_read_only_each_devices_rows_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    fused = torch.arange(12 * 2, dtype=torch.float32).reshape(12, 2)  # [q: 4 | k: 4 | v: 4] rows
+    save_file({"qkv.weight": fused}, str(tmp_path / "w.safetensors"))
+    with ExitStack() as stack:
+        reader = _Reader(stack, tmp_path / "w.safetensors")
+        handle = reader._files["qkv.weight"]
+        reads = []
+        reader._files["qkv.weight"] = SimpleNamespace(
+            get_slice=lambda key: _Recorder(handle.get_slice(key), reads),
+            get_tensor=handle.get_tensor,
+        )
+        k = _Location("qkv.k.weight", "qkv.weight", 4, (12, 2))
+        pieces = _device_pieces(reader, k, (4, 2), ("tp", None), fake_mesh(range(4), (4,), ("tp",)), torch.float32)
+    assert [p.tolist() for p in pieces] == [fused[4 + i : 5 + i].tolist() for i in range(4)]
+    assert reads == [(slice(4 + i, 5 + i), slice(0, 2)) for i in range(4)]
+
+
+class _Recorder:
+    def __init__(self, safe_slice, reads):
+        self._slice, self._reads = safe_slice, reads
+
+    def __getitem__(self, index):
+        self._reads.append(index)
+        return self._slice[index]
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-vllm", "gpt2"])
+def test_meta_buffers_are_recomputed_on_the_cpu(name):
+    model = models.build(name)
+    meta, gm = transformed(name, device="meta")
+    buffers = {group.owners[0]: value for group, value in _unsaved_buffers(gm, meta)}
+    expected = dict(model.named_buffers())
+    assert len(buffers) == len(expected) > 0
+    for (path, field), value in buffers.items():
+        assert value.device.type == "cpu"
+        torch.testing.assert_close(value, expected[f"{path}.{field}"], rtol=0, atol=0)
+    assert all(b.is_meta for b in meta.buffers()), "the caller's model is left alone"
+    with pytest.raises(FxShardError, match="is on meta and no checkpoint holds it"):
+        _unsaved_buffers(gm, None)
