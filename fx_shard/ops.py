@@ -65,6 +65,8 @@ def einsum_attention(
         else:
             scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
+    if attn_mask is not None:  # as sdpa: a query that may attend to nothing gets zeros, not NaN
+        probs = probs.masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     if grouped:

@@ -56,6 +56,17 @@ def test_grouped_query_attention_with_mask():
     torch.testing.assert_close(einsum_attention(q, k, v, attn_mask=mask, enable_gqa=True), expected)
 
 
+@pytest.mark.parametrize("gqa", [False, True])
+def test_fully_masked_rows_give_zeros_like_sdpa(gqa):
+    q, k, v = qkv(heads=8, kv_heads=2 if gqa else 8)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[0, :, :2] = False  # two queries of the first sequence see nothing (left padding)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    actual = einsum_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    assert not actual.isnan().any()
+    torch.testing.assert_close(actual, expected)
+
+
 def test_dropout_is_applied_when_asked():
     q, k, v = qkv()
     torch.manual_seed(0)
