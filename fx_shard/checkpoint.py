@@ -13,7 +13,7 @@ on the next step. ``load_sharded`` sends each device only its own piece:
 
 For each parameter it reads, per device, only the rows and columns that
 device holds (``safe_open(...).get_slice``; a split QKV part reads its rows of
-the fused tensor) and builds the sharded XLA tensor from those pieces with
+the fused tensor, its columns for a ``Conv1D`` weight) and builds the sharded XLA tensor from those pieces with
 ``torch_xla._XLAC._global_tensor_from_cpu_shards``, with the sharding
 ``xs.mark_sharding`` would give it. Tied parameters stay one tensor;
 non-persistent buffers (rotary tables), which no checkpoint holds, are taken
@@ -119,12 +119,17 @@ def load_sharded(
 
 @dataclass(frozen=True)
 class _Location:
-    """Where a tensor of ``gm`` is in the checkpoint: ``key``, from row ``offset`` of a ``key_shape`` tensor."""
+    """Where tensor ``name`` of ``gm`` is in the checkpoint: ``key`` (``key_shape``), from ``offset`` along ``dim``.
+
+    A split part sits at an offset along the fused tensor's output dimension
+    (0, or 1 for a ``Conv1D`` weight); any other tensor is the whole of its key.
+    """
 
     name: str
     key: str
-    offset: int
     key_shape: tuple[int, ...]
+    dim: int = 0
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ class _Group:
 
 def _tensor_groups(gm: fx.GraphModule) -> Iterator[_Group]:
     """Every parameter and persistent-or-not buffer of ``gm`` once, with its checkpoint locations."""
-    split_rows = _split_rows(gm)
+    split_parts = _split_parts(gm)
     groups: dict[int, dict] = {}
     for path, module in gm.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
@@ -149,7 +154,7 @@ def _tensor_groups(gm: fx.GraphModule) -> Iterator[_Group]:
                 if tensor is None:
                     continue
                 name = prefix + field
-                key, offset, key_shape = split_rows.get(name, (name, 0, tuple(tensor.shape)))
+                location = split_parts.get(name, _Location(name, name, tuple(tensor.shape)))
                 persistent = is_param or field not in module._non_persistent_buffers_set
                 group = groups.setdefault(id(tensor), {
                     "tensor": tensor, "owners": [], "locations": [], "is_param": is_param, "persistent": False,
@@ -157,7 +162,7 @@ def _tensor_groups(gm: fx.GraphModule) -> Iterator[_Group]:
                 if (path, field) not in group["owners"]:
                     group["owners"].append((path, field))
                     if persistent:
-                        group["locations"].append(_Location(name, key, offset, key_shape))
+                        group["locations"].append(location)
                 group["persistent"] |= persistent
     for group in groups.values():
         yield _Group(
@@ -165,9 +170,9 @@ def _tensor_groups(gm: fx.GraphModule) -> Iterator[_Group]:
         )
 
 
-def _split_rows(gm: fx.GraphModule) -> dict[str, tuple[str, int, tuple[int, ...]]]:
-    """``{part tensor name: (fused key, first row, fused shape)}`` for every ``SplitLinear`` part."""
-    rows: dict[str, tuple[str, int, tuple[int, ...]]] = {}
+def _split_parts(gm: fx.GraphModule) -> dict[str, _Location]:
+    """Where each ``SplitLinear`` part's weight and bias are in the fused tensors, by part tensor name."""
+    locations: dict[str, _Location] = {}
     for path, module in gm.named_modules():
         if not isinstance(module, SplitLinear):
             continue
@@ -176,12 +181,15 @@ def _split_rows(gm: fx.GraphModule) -> dict[str, tuple[str, int, tuple[int, ...]
             parts = [getattr(getattr(module, n), field, None) for n in module.part_names]
             if any(p is None for p in parts):
                 continue
-            fused_shape = (sum(module.output_sizes), *parts[0].shape[1:])
+            dim = getattr(module, "dim", 0) if field == "weight" else 0
+            fused_shape = list(parts[0].shape)
+            fused_shape[dim] = sum(module.output_sizes)
             offset = 0
             for part_name, size in zip(module.part_names, module.output_sizes):
-                rows[f"{prefix}{part_name}.{field}"] = (prefix + field, offset, fused_shape)
+                name = f"{prefix}{part_name}.{field}"
+                locations[name] = _Location(name, prefix + field, tuple(fused_shape), dim, offset)
                 offset += size
-    return rows
+    return locations
 
 
 def _check_shape(location: _Location, shape: tuple[int, ...]) -> None:
@@ -279,10 +287,12 @@ def _full_index(shape: Sequence[int]) -> tuple[slice, ...]:
 
 
 def _read(reader: _Reader, location: _Location, index: tuple[slice, ...]) -> torch.Tensor:
-    """``index`` into the tensor at ``location`` (rows shifted to its place in a fused tensor)."""
-    if index:
-        rows = index[0]
-        index = (slice(rows.start + location.offset, rows.stop + location.offset), *index[1:])
+    """``index`` into the tensor at ``location`` (shifted to its place in a fused tensor)."""
+    if location.offset:
+        index = list(index)
+        part = index[location.dim]
+        index[location.dim] = slice(part.start + location.offset, part.stop + location.offset)
+        index = tuple(index)
     return reader.read(location.key, index)
 
 

@@ -12,7 +12,7 @@ import torch
 
 import fx_shard
 from fx_shard import models
-from fx_shard.checkpoint import _device_pieces, _Location, _Reader, _split_rows, _unsaved_buffers, shard_indices
+from fx_shard.checkpoint import _device_pieces, _Location, _Reader, _split_parts, _unsaved_buffers, shard_indices
 from fx_shard.errors import FxShardError
 from fx_shard.models.plans import PLANS
 
@@ -52,17 +52,19 @@ def test_original_checkpoint_loads_into_transformed_model(name):
 
 def test_split_parts_map_to_their_rows_of_the_fused_tensor():
     _, gm = transformed("gpt2")
-    rows = _split_rows(gm)
-    assert rows["transformer.h.0.attn.c_attn.k.weight"] == ("transformer.h.0.attn.c_attn.weight", 64, (192, 64))
-    assert rows["transformer.h.1.attn.c_attn.v.bias"] == ("transformer.h.1.attn.c_attn.bias", 128, (192,))
-    assert len(rows) == 2 * 3 * 2  # 2 blocks, q/k/v, weight and bias
+    parts = _split_parts(gm)
+    k = _Location("transformer.h.0.attn.c_attn.k.weight", "transformer.h.0.attn.c_attn.weight", (192, 64), 0, 64)
+    assert parts[k.name] == k
+    v = _Location("transformer.h.1.attn.c_attn.v.bias", "transformer.h.1.attn.c_attn.bias", (192,), 0, 128)
+    assert parts[v.name] == v
+    assert len(parts) == 2 * 3 * 2  # 2 blocks, q/k/v, weight and bias
 
     _, gm = transformed("llama-vllm")
-    rows = _split_rows(gm)
+    parts = _split_parts(gm)
     q, kv = 8 * 8, 2 * 8  # 8 heads, 2 KV heads, head_dim 8
-    assert rows["model.layers.0.self_attn.qkv_proj.v.weight"][1] == q + kv
-    gate_up = rows["model.layers.0.mlp.gate_up_proj.1.weight"]
-    assert gate_up[0] == "model.layers.0.mlp.gate_up_proj.weight" and gate_up[1] * 2 == gate_up[2][0]
+    assert parts["model.layers.0.self_attn.qkv_proj.v.weight"].offset == q + kv
+    up = parts["model.layers.0.mlp.gate_up_proj.1.weight"]
+    assert up.key == "model.layers.0.mlp.gate_up_proj.weight" and up.offset * 2 == up.key_shape[0]
 
 
 def test_shard_indices_tile_like_xla():
@@ -93,7 +95,7 @@ def test_pieces_read_only_each_devices_rows_from_safetensors(tmp_path):
             get_slice=lambda key: _Recorder(handle.get_slice(key), reads),
             get_tensor=handle.get_tensor,
         )
-        k = _Location("qkv.k.weight", "qkv.weight", 4, (12, 2))
+        k = _Location("qkv.k.weight", "qkv.weight", (12, 2), 0, 4)
         pieces = _device_pieces(reader, k, (4, 2), ("tp", None), fake_mesh(range(4), (4,), ("tp",)), torch.float32)
     assert [p.tolist() for p in pieces] == [fused[4 + i : 5 + i].tolist() for i in range(4)]
     assert reads == [(slice(4 + i, 5 + i), slice(0, 2)) for i in range(4)]
@@ -121,3 +123,22 @@ def test_meta_buffers_are_recomputed_on_the_cpu(name):
     assert all(b.is_meta for b in meta.buffers()), "the caller's model is left alone"
     with pytest.raises(FxShardError, match="is on meta and no checkpoint holds it"):
         _unsaved_buffers(gm, None)
+
+
+def test_conv1d_parts_sit_along_the_fused_columns():
+    from transformers.pytorch_utils import Conv1D
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(3 * 32, 32)
+
+        def forward(self, x):
+            q, k, v = self.c_attn(x).split(32, dim=2)
+            return q * k + v
+
+    inputs = (torch.randn(1, 5, 32),)
+    gm = fx_shard.transform(Attention(), {"c_attn": "qkv"}, mesh_shape={"tp": 4}, example_inputs=inputs)
+    parts = _split_parts(gm)
+    assert parts["c_attn.k.weight"] == _Location("c_attn.k.weight", "c_attn.weight", (32, 96), 1, 32)
+    assert parts["c_attn.v.bias"] == _Location("c_attn.v.bias", "c_attn.bias", (96,), 0, 64)

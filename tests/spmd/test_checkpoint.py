@@ -142,6 +142,38 @@ def test_load_sharded_into_sharded_model_keeps_parameter_objects(mesh):
     assert relative_error(run(gm, "llama-vllm"), expected_output(other, "llama-vllm")) <= 1e-5
 
 
+class GPT2Like(torch.nn.Module):
+    """Hugging Face Conv1D layers (weight stored (in, out)): the fused qkv splits along dim 1."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.c_attn, self.c_proj = Conv1D(3 * 32, 32), Conv1D(32, 32)
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(32, dim=2)
+        return self.c_proj(q * k + v)
+
+
+def test_load_sharded_conv1d_parts_read_their_columns(mesh, devices, tmp_path):
+    from safetensors.torch import save_file
+
+    plan = {"c_attn": "qkv", "c_proj": "rowwise"}
+    x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = GPT2Like().eval()
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        meta = GPT2Like()
+    gm = fx_shard.transform(meta, plan, mesh_shape={"tp": devices}, example_inputs=(x,))
+    load_sharded(gm, tmp_path / "model.safetensors", mesh)
+    assert specs_by_name(gm) == specs_by_name(fx_shard.shard(model, mesh, plan, example_inputs=(x,)))
+    assert local_shapes(gm.get_submodule("c_attn.k").weight) == {(32, 32 // devices)}
+    with torch.no_grad():
+        assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
+
+
 def test_shard_indices_are_xlas(devices):
     import torch_xla
     import torch_xla.distributed.spmd as xs
