@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fx_shard.capture import capture, linear_like_modules, propagate_shapes
-from fx_shard.layers import SplitLinear, class_style
+from fx_shard.capture import Captured, capture_parts, is_linear_like, linear_like_modules, propagate_shapes, record_part_inputs
+from fx_shard.hf import hf_plan, use_einsum_attention
+from fx_shard.layers import SplitLinear, class_style, out_features
 from fx_shard.passes import (
     AnnotateSharding,
     AttentionToEinsum,
@@ -20,8 +21,9 @@ from fx_shard.passes import (
     SplitFusedLinear,
 )
 from fx_shard.infer import infer_plan
+from fx_shard.passes.fit_heads_to_mesh import fit_to_heads
 from fx_shard.plan import ShardPlan, resolve_tp_axis
-from fx_shard.sharding import SHARDING_KEY, ModelSharding, axis_size
+from fx_shard.sharding import SHARDING_KEY, Axis, ModelSharding, ShardingRecord, axis_size
 from fx_shard.xla import materialize, mesh_shape_of
 
 __all__ = ["shard", "shard_model", "transform"]
@@ -34,35 +36,98 @@ def transform(
     plan: ShardPlan | Mapping | str | None = None,
     *,
     mesh_shape: Mapping[str, int],
-    tp_axis: str | None = None,
+    tp_axis: Axis | None = None,
     example_inputs: tuple | None = None,
-) -> fx.GraphModule:
+    example_kwargs: Mapping | None = None,
+) -> nn.Module:
     """Capture, plan and rewrite ``model`` for a mesh of ``mesh_shape``; no XLA needed.
 
-    Works on any device, ``meta`` included (nothing is allocated). The caller's
-    model is left as it was: the graph is built over a deep copy.
-    ``example_inputs`` (a tuple of positional inputs) give the passes tensor
-    ranks and feature sizes, which some rewrites need (``qkv.split(d, dim=2)``
-    is a split of the last dimension only if the tensor is 3-D).
+    Returns a GraphModule when the model traces whole; otherwise a copy of
+    the model with every largest sub-tree that traces rewritten as a
+    GraphModule, the rest planned module by module (``root.meta["sharding"]``
+    lists what stayed opaque and why). Either way the calling convention is
+    the model's own. Works on any device, ``meta`` included (nothing is
+    allocated); the caller's model is left as it was.
+
+    ``example_inputs`` / ``example_kwargs`` give the passes tensor ranks and
+    feature sizes, which some rewrites need (``qkv.split(d, dim=2)`` is a
+    split of the last dimension only if the tensor is 3-D).
     """
     axis = resolve_tp_axis(mesh_shape, tp_axis)
-    gm = capture(copy.deepcopy(model))
-    if example_inputs is not None:
-        propagate_shapes(gm, example_inputs)
+    captured = capture_parts(copy.deepcopy(model))
+    root = captured.root
+    if example_inputs is not None or example_kwargs:
+        _propagate_part_shapes(captured, tuple(example_inputs or ()), dict(example_kwargs or {}))
     shard_plan = ShardPlan.coerce(plan)
-    inferred = infer_plan(gm, axis_size(mesh_shape, axis)) if shard_plan.auto else None
-    records = shard_plan.resolve(linear_like_modules(gm), mesh_shape, axis, inferred)
+    model_plan = hf_plan(root) if shard_plan.auto else {}
+    inferred = {}
+    if shard_plan.auto:
+        for prefix, gm in captured.parts.items():
+            inferred.update(infer_plan(gm, axis_size(mesh_shape, axis), prefix))
+    layers = _linear_layers(captured)
+    records = shard_plan.resolve(layers, mesh_shape, axis, inferred, model_plan)
+    in_graphs = {_join(prefix, t) for prefix, gm in captured.parts.items() for t in linear_like_modules(gm)}
     passes = [
-        AnnotateSharding(records),
+        AnnotateSharding({}),
         SplitFusedLinear(),
         RewireFusedConsumers(),
         FitHeadsToMesh(mesh_shape),
         AttentionToEinsum(),
         InsertShardingConstraints(),
     ]
-    gm = PassManager(passes, run_checks_after_each_pass=True)(gm).graph_module
-    gm.meta[SHARDING_KEY] = ModelSharding(dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes))
-    return gm
+    for prefix, gm in captured.parts.items():
+        passes[0] = AnnotateSharding(_under(records, prefix))
+        PassManager(passes, run_checks_after_each_pass=True)(gm)
+    opaque_layers = {path: _fit_opaque(root, path, r, mesh_shape) for path, r in records.items() if path not in in_graphs}
+    use_einsum_attention(root)
+    summary = ModelSharding(
+        dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes), opaque_layers, captured.opaque
+    )
+    if isinstance(root, fx.GraphModule):
+        root.meta[SHARDING_KEY] = summary
+    else:
+        root.meta = {SHARDING_KEY: summary}
+    return root
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _under(records: Mapping[str, ShardingRecord], prefix: str) -> dict[str, ShardingRecord]:
+    """The records of layers inside the part at ``prefix``, keyed relative to it."""
+    if not prefix:
+        return dict(records)
+    return {k[len(prefix) + 1:]: r for k, r in records.items() if k.startswith(prefix + ".")}
+
+
+def _linear_layers(captured: Captured) -> dict[str, nn.Module]:
+    """Every linear-like layer the model calls: graph order inside parts, module order outside."""
+    layers = {_join(p, t): m for p, gm in captured.parts.items() for t, m in linear_like_modules(gm).items()}
+    inside = tuple(p + "." for p in captured.parts if p)
+    for path, module in captured.root.named_modules():
+        if "" not in captured.parts and is_linear_like(module) and not path.startswith(inside):
+            layers.setdefault(path, module)
+    return layers
+
+
+def _propagate_part_shapes(captured: Captured, args: tuple, kwargs: dict) -> None:
+    if "" in captured.parts:
+        gm = captured.parts[""]
+        names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+        propagate_shapes(gm, args + tuple(kwargs[n] for n in names[len(args):] if n in kwargs))
+        return
+    for path, inputs in record_part_inputs(captured, args, kwargs).items():
+        propagate_shapes(captured.parts[path], inputs)
+
+
+def _fit_opaque(root: nn.Module, path: str, record: ShardingRecord, mesh_shape: Mapping[str, int]) -> ShardingRecord:
+    """Keep heads whole in a layer outside any graph, with the head size its attention module declares."""
+    owner = root.get_submodule(path.rpartition(".")[0])
+    head_dim = getattr(owner, "head_dim", None)
+    module = root.get_submodule(path)
+    fitted = fit_to_heads(record, out_features(module), head_dim, mesh_shape) if record.style == "colwise" else None
+    return fitted or record
 
 
 def shard(
@@ -70,15 +135,19 @@ def shard(
     mesh,
     plan: ShardPlan | Mapping | str | None = None,
     *,
-    tp_axis: str | None = None,
+    tp_axis: Axis | None = None,
     example_inputs: tuple | None = None,
-) -> fx.GraphModule:
+    example_kwargs: Mapping | None = None,
+) -> nn.Module:
     """``transform`` for ``mesh``, then place the result on the XLA device, sharded.
 
     Returns a recompiled GraphModule computing ``model``'s function; run it
     eagerly under SPMD or hand it to ``torch.compile(..., backend="openxla")``.
     """
-    gm = transform(model, plan, mesh_shape=mesh_shape_of(mesh), tp_axis=tp_axis, example_inputs=example_inputs)
+    gm = transform(
+        model, plan, mesh_shape=mesh_shape_of(mesh), tp_axis=tp_axis,
+        example_inputs=example_inputs, example_kwargs=example_kwargs,
+    )
     return materialize(gm, mesh)
 
 

@@ -7,6 +7,9 @@ layers, ours, and their subclasses).
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -16,7 +19,18 @@ from torch.utils import _pytree as pytree
 from fx_shard.errors import CaptureError
 from fx_shard.layers import class_style, is_transposed_linear
 
-__all__ = ["LinearLeafTracer", "capture", "is_linear_like", "linear_like_modules", "propagate_shapes"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Captured",
+    "LinearLeafTracer",
+    "capture",
+    "capture_parts",
+    "is_linear_like",
+    "linear_like_modules",
+    "propagate_shapes",
+    "record_part_inputs",
+]
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -47,6 +61,87 @@ def capture(model: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _match_original_layout(model, gm)
     return gm
+
+
+@dataclass
+class Captured:
+    """A model as far as torch.fx could capture it.
+
+    ``root`` is the GraphModule when the model traced whole; otherwise the
+    model itself (a copy the caller owns) with every largest sub-tree that
+    traces swapped in as a GraphModule (``parts``, by module path, ``""`` for
+    the whole model). ``opaque`` names each module whose own forward did not
+    trace, and why; their linear-like layers are planned as modules.
+    """
+
+    root: nn.Module
+    parts: dict[str, fx.GraphModule]
+    opaque: dict[str, str]
+
+
+def capture_parts(model: nn.Module) -> Captured:
+    """``capture`` the model whole if it traces, else part by part (``model`` is changed in place then)."""
+    try:
+        gm = capture(model)
+    except CaptureError:
+        pass
+    else:
+        return Captured(gm, {"": gm}, {})
+    parts: dict[str, fx.GraphModule] = {}
+    opaque: dict[str, str] = {}
+
+    def visit(path: str, module: nn.Module) -> None:
+        if is_linear_like(module):
+            return
+        try:
+            parts[path] = capture(module)
+            return
+        except CaptureError as e:
+            if type(module).forward is not nn.Module.forward:  # containers without a forward are never called
+                opaque[path] = f"{type(e.__cause__).__name__}: {e.__cause__}"
+        for name, child in module.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", model)
+    for path, gm in parts.items():
+        owner, _, field = path.rpartition(".")
+        setattr(model.get_submodule(owner), field, gm)
+    return Captured(model, parts, opaque)
+
+
+def record_part_inputs(captured: Captured, args: tuple, kwargs: dict) -> dict[str, tuple]:
+    """Each traced part's positional inputs in one run of the model on ``args`` / ``kwargs``.
+
+    Runs for real (no gradients) on a model with real parameters; on a meta
+    model it runs on fake tensors, which fails for models that branch on
+    values (then no shapes are recorded and shape-dependent rewrites are skipped).
+    """
+    recorded: dict[str, tuple] = {}
+    hooks = []
+    for path, gm in captured.parts.items():
+        names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+
+        def hook(module, hook_args, hook_kwargs, path=path, names=names):
+            values = list(hook_args) + [hook_kwargs[n] for n in names[len(hook_args):] if n in hook_kwargs]
+            recorded.setdefault(path, tuple(values))
+
+        hooks.append(gm.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        device = next((t.device for t in captured.root.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            if device.type == "meta":
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t.to(device)), (args, kwargs))
+                with mode:
+                    captured.root(*args, **kwargs)
+            else:
+                captured.root(*args, **kwargs)
+    except Exception as e:  # the shapes are an aid, not a requirement
+        logger.info("could not run %s on the example inputs for shapes: %s", type(captured.root).__name__, e)
+    finally:
+        for h in hooks:
+            h.remove()
+    return recorded
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:

@@ -55,11 +55,12 @@ class _Reach:
     escaped: str | None  # what stopped the walk, when the output must be whole there
 
 
-def infer_plan(gm: fx.GraphModule, ways: int) -> dict[str, Inferred]:
-    """A decision for each linear-like layer of ``gm`` that the data flow supports.
+def infer_plan(gm: fx.GraphModule, ways: int, prefix: str = "") -> dict[str, Inferred]:
+    """A decision for each linear-like layer of ``gm`` that the data flow supports, keyed by module path.
 
     ``ways`` is the tensor-parallel size: a layer whose sharded dimension it
-    does not divide stays replicated, with the reason.
+    does not divide stays replicated, with the reason. ``prefix`` is ``gm``'s
+    own path in the model, for a part of a model captured part by part.
     """
     from fx_shard.ops import batched_matmul, einsum_attention
 
@@ -84,22 +85,31 @@ def infer_plan(gm: fx.GraphModule, ways: int) -> dict[str, Inferred]:
         if reach.escaped is None and reach.linears and all(r in rows or r not in decisions for r in reach.linears):
             for r in reach.linears:
                 rows.setdefault(r, []).append(target)
-            decisions.update(_pair(gm, node, {r: rows[r] for r in reach.linears}, ways))
+            decisions.update(_pair(gm, node, {r: rows[r] for r in reach.linears}, ways, prefix))
         elif reach.escaped == "output" and _is_head(gm, module, ways):
             decisions[target] = Inferred(LayerPlan("lm_head"), "inferred: projects to the model's output, widening")
         else:
             unpaired[target] = f"its output is needed whole at {reach.escaped}" if reach.escaped else "feeds no other linear"
     for target, why in unpaired.items():
         decisions.setdefault(target, Inferred(LayerPlan("replicate"), f"inferred: replicated, {why}"))
-    return decisions
+    return {_path(prefix, t): d for t, d in decisions.items()}
 
 
-def _pair(gm: fx.GraphModule, node: fx.Node, row_targets: Mapping[str, list[str]], ways: int) -> dict[str, Inferred]:
-    """Column decision for ``node`` and row decisions for its partners, or replication when ``ways`` does not divide."""
+def _path(prefix: str, target: str) -> str:
+    return f"{prefix}.{target}" if prefix else target
+
+
+def _pair(
+    gm: fx.GraphModule, node: fx.Node, row_targets: Mapping[str, list[str]], ways: int, prefix: str
+) -> dict[str, Inferred]:
+    """Column decision for ``node`` and row decisions for its partners, or replication when ``ways`` does not divide.
+
+    Reasons name layers by their path in the whole model.
+    """
     module = gm.get_submodule(node.target)
     outputs = out_features(module)
     fused = _fused_layout(node, outputs)
-    partners = ", ".join(row_targets)
+    partners = ", ".join(_path(prefix, t) for t in row_targets)
     if fused is not None:
         style, sizes, how = fused
         layer = LayerPlan(style, output_sizes=tuple(sizes))
@@ -115,7 +125,7 @@ def _pair(gm: fx.GraphModule, node: fx.Node, row_targets: Mapping[str, list[str]
     decisions = {node.target: Inferred(layer, reason)}
     for target in row_targets:
         if in_features(gm.get_submodule(target)) % ways == 0:
-            feeders = ", ".join(row_targets[target])
+            feeders = ", ".join(_path(prefix, t) for t in row_targets[target])
             decisions[target] = Inferred(LayerPlan("rowwise"), f"inferred: row-parallel after {feeders}")
     return decisions
 

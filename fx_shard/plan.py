@@ -7,7 +7,8 @@ A ``ShardPlan`` is ordered data. Precedence, highest first:
    that matches, in insertion order;
 3. the seed's rules by layer class name (``layers.CLASS_STYLES``), base
    classes included;
-4. with ``auto``, what ``fx_shard.infer`` finds in the graph's data flow;
+4. with ``auto``, the model's own plan (a Hugging Face ``_tp_plan``), then
+   what ``fx_shard.infer`` finds in the graph's data flow;
 5. otherwise the layer stays replicated, and the record says no rule covered it.
 
 ``resolve`` turns the plan into one ``ShardingRecord`` per layer before any
@@ -148,15 +149,7 @@ class ShardPlan:
 
     def match(self, name: str) -> str | None:
         """The entry that decides ``name``, by the precedence above, or None."""
-        if name in self.entries:
-            return name
-        for pattern in self.entries:
-            if pattern.startswith("re:"):
-                if re.fullmatch(pattern[3:], name):
-                    return pattern
-            elif fnmatch.fnmatchcase(name, pattern):
-                return pattern
-        return None
+        return _first_match(self.entries, name)
 
     def resolve(
         self,
@@ -164,10 +157,13 @@ class ShardPlan:
         mesh_shape: Mapping[str, int],
         tp_axis: Axis,
         inferred: Mapping[str, Inferred] | None = None,
+        model_plan: Mapping[str, tuple[LayerPlan, str]] | None = None,
     ) -> dict[str, ShardingRecord]:
         """One record per linear-like module (name -> module, in graph order).
 
-        ``inferred`` (``infer.infer_plan``) decides what entries and class rules leave open.
+        What entries and class rules leave open is decided by ``model_plan``
+        (the model's own, e.g. a Hugging Face ``_tp_plan``: pattern -> (plan,
+        its style name)), then by ``inferred`` (``infer.infer_plan``).
         """
         records: dict[str, ShardingRecord] = {}
         used: set[str] = set()
@@ -179,6 +175,8 @@ class ShardPlan:
                 layer, source = self.entries[entry], f"plan entry {entry!r}"
             elif rule is not None:
                 layer, source = LayerPlan(rule[0]), f"class rule {rule[1]}"
+            elif model_plan and (pattern := _first_match(model_plan, name)) is not None:
+                layer, source = model_plan[pattern][0], f"model plan {pattern!r} ({model_plan[pattern][1]})"
             elif inferred and name in inferred:
                 layer, source = inferred[name].layer, inferred[name].reason
             else:
@@ -191,6 +189,19 @@ class ShardPlan:
         if uncovered:
             logger.info("replicated, no rule covers them: %s", ", ".join(uncovered))
         return records
+
+
+def _first_match(patterns: Mapping[str, object], name: str) -> str | None:
+    """The exact key ``name``, else the first glob (``*`` crosses dots) or ``re:`` pattern matching it."""
+    if name in patterns:
+        return name
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return pattern
+        elif fnmatch.fnmatchcase(name, pattern):
+            return pattern
+    return None
 
 
 def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: Axis | None = None) -> Axis:

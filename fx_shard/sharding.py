@@ -26,6 +26,7 @@ __all__ = [
     "Spec",
     "layer_parameters",
     "local_shape",
+    "model_sharding",
     "sharding_of",
 ]
 
@@ -61,11 +62,18 @@ class ShardingRecord:
 
 @dataclass(frozen=True)
 class ModelSharding:
-    """Model-wide facts: the mesh the plan was made for and its tensor-parallel axis (or axes)."""
+    """Model-wide facts: the mesh, the tensor-parallel axis (or axes), the passes run.
+
+    For a model captured part by part, ``layers`` holds the records of the
+    linear-like layers outside any graph (planned as modules) and ``opaque``
+    the modules that did not trace, with the reason.
+    """
 
     mesh_shape: Mapping[str, int]
     tp_axis: Axis
     passes: tuple[str, ...] = field(default=())
+    layers: Mapping[str, ShardingRecord] = field(default_factory=dict)
+    opaque: Mapping[str, str] = field(default_factory=dict)
 
 
 def sharding_of(node: fx.Node) -> ShardingRecord | None:
@@ -92,10 +100,25 @@ def local_shape(shape: torch.Size | tuple[int, ...], spec: Spec | None, mesh_sha
     return tuple(math.ceil(size / axis_size(mesh_shape, axis)) for size, axis in zip(shape, spec))
 
 
-def layer_parameters(gm: fx.GraphModule) -> Iterator[tuple[str, ShardingRecord, str, torch.nn.Parameter]]:
-    """``(module path, record, parameter name, parameter)`` for every parameter of every recorded layer."""
-    for node in gm.graph.find_nodes(op="call_module"):
-        record = sharding_of(node)
-        if record is not None:
-            for name, param in gm.get_submodule(node.target).named_parameters(recurse=False):
-                yield node.target, record, name, param
+def model_sharding(root: torch.nn.Module) -> ModelSharding:
+    """The ``ModelSharding`` fx_shard left on a rewritten model (``root.meta["sharding"]``)."""
+    return root.meta[SHARDING_KEY]
+
+
+def layer_parameters(root: torch.nn.Module) -> Iterator[tuple[str, ShardingRecord, str, torch.nn.Parameter]]:
+    """``(module path, record, parameter name, parameter)`` for every parameter of every recorded layer.
+
+    Layers in graphs (the root, or parts of a model captured part by part)
+    come in graph order, then the layers planned as modules.
+    """
+    for prefix, sub in root.named_modules():
+        if isinstance(sub, fx.GraphModule):
+            for node in sub.graph.find_nodes(op="call_module"):
+                record = sharding_of(node)
+                if record is not None:
+                    path = f"{prefix}.{node.target}" if prefix else node.target
+                    for name, param in sub.get_submodule(node.target).named_parameters(recurse=False):
+                        yield path, record, name, param
+    for path, record in model_sharding(root).layers.items():
+        for name, param in root.get_submodule(path).named_parameters(recurse=False):
+            yield path, record, name, param

@@ -12,9 +12,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fx_shard.layers import out_features
 from fx_shard.passes.utils import result
-from fx_shard.sharding import SHARDING_KEY, axis_names, sharding_of
+from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, sharding_of
 
-__all__ = ["FitHeadsToMesh", "head_dim_of"]
+__all__ = ["FitHeadsToMesh", "fit_to_heads", "head_dim_of"]
 
 _RESHAPE = ("view", "reshape")
 _SEARCH_DEPTH = 4
@@ -45,26 +45,33 @@ class FitHeadsToMesh(PassBase):
             if record is None or record.style != "colwise":
                 continue
             features = out_features(graph_module.get_submodule(node.target))
-            head_dim = head_dim_of(node, features)
-            axes = axis_names(record.specs["weight"][0])
-            if head_dim is None or (features // head_dim) % self._ways(axes) == 0:
-                continue
-            heads = features // head_dim
-            fitting = max((axes[:i] for i in range(len(axes)) if heads % self._ways(axes[:i]) == 0), key=len)
-            what = f"{heads} heads (head_dim {head_dim}) do not divide mesh axes {axes} ({self._ways(axes)})"
-            if fitting:
-                axis = fitting[0] if len(fitting) == 1 else fitting
-                specs = {name: (axis, *spec[1:]) for name, spec in record.specs.items()}
-                note = f"{what}: sharded over {fitting} ({self._ways(fitting)}) only, so attention needs no collective"
-                node.meta[SHARDING_KEY] = dataclasses.replace(record, specs=specs, notes=(*record.notes, note))
-            else:
-                note = f"{what}: replicated, so attention needs no collective"
-                node.meta[SHARDING_KEY] = dataclasses.replace(record, style="replicate", specs={}, notes=(*record.notes, note))
-            modified = True
+            fitted = fit_to_heads(record, features, head_dim_of(node, features), self.mesh_shape)
+            if fitted is not None:
+                node.meta[SHARDING_KEY] = fitted
+                modified = True
         return result(graph_module, modified)
 
-    def _ways(self, axes: tuple[str, ...]) -> int:
-        return math.prod(self.mesh_shape[a] for a in axes)
+
+def fit_to_heads(record: ShardingRecord, features: int, head_dim: int | None, mesh_shape: Mapping[str, int]) -> ShardingRecord | None:
+    """A column-parallel record changed so that no head is split, or None when none is.
+
+    The longest prefix of the record's mesh axes that divides the heads keeps
+    sharding them; with none, the layer is replicated.
+    """
+    axes = axis_names(record.specs["weight"][0] if record.specs["weight"][0] is not None else record.specs["weight"][1])
+    ways = lambda names: math.prod(mesh_shape[a] for a in names)  # noqa: E731
+    if record.style != "colwise" or head_dim is None or (features // head_dim) % ways(axes) == 0:
+        return None
+    heads = features // head_dim
+    fitting = max((axes[:i] for i in range(len(axes)) if heads % ways(axes[:i]) == 0), key=len)
+    what = f"{heads} heads (head_dim {head_dim}) do not divide mesh axes {axes} ({ways(axes)})"
+    if not fitting:
+        note = f"{what}: replicated, so attention needs no collective"
+        return dataclasses.replace(record, style="replicate", specs={}, notes=(*record.notes, note))
+    axis = fitting[0] if len(fitting) == 1 else fitting
+    specs = {name: tuple(axis if a is not None else None for a in spec) for name, spec in record.specs.items()}
+    note = f"{what}: sharded over {fitting} ({ways(fitting)}) only, so attention needs no collective"
+    return dataclasses.replace(record, specs=specs, notes=(*record.notes, note))
 
 
 def head_dim_of(node: fx.Node, features: int) -> int | None:

@@ -69,10 +69,36 @@ def test_vllm_llama_is_split_by_class_rules():
     assert record.specs == {"weight": (None, "x")} and record.source == "class rule RowParallelLinear"
 
 
-def test_untraceable_model_names_itself():
-    class Branchy(torch.nn.Module):
-        def forward(self, x):
-            return x if x.sum() > 0 else -x
+class Branchy(torch.nn.Module):
+    """Branches on a value, so only its parts trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x)))
+        return self.mlp(h) if h.sum() > 0 else -h
+
+
+def test_untraceable_model_is_captured_part_by_part():
+    torch.manual_seed(0)
+    model, x = Branchy().eval(), torch.randn(4, 8)
+    root = fx_shard.transform(model, {"up": "colwise", "down": "rowwise"}, mesh_shape={"tp": 2}, example_inputs=(x,))
+    summary = root.meta[SHARDING_KEY]
+    assert list(summary.opaque) == [""]
+    assert summary.opaque[""].startswith("TraceError: symbolically traced variables cannot be used as inputs to control flow")
+    assert isinstance(root.mlp, torch.fx.GraphModule) and type(root) is Branchy
+    assert {p: r.style for p, r in summary.layers.items()} == {"up": "colwise", "down": "rowwise"}
+    records = {n.target: n.meta[SHARDING_KEY].style for n in root.mlp.graph.find_nodes(op="call_module") if SHARDING_KEY in n.meta}
+    assert records == {"0": "replicate", "2": "replicate"}
+    torch.testing.assert_close(root(x), model(x))
+    assert list(root.state_dict()) == list(model.state_dict())
+
+
+def test_capture_error_names_the_model():
+    from fx_shard.capture import capture
 
     with pytest.raises(CaptureError, match=r"torch.fx could not trace Branchy: TraceError"):
-        fx_shard.transform(Branchy(), mesh_shape={"tp": 2})
+        capture(Branchy())
