@@ -5,6 +5,7 @@ Importing fx_shard does not start the XLA runtime; ``make_mesh``,
 """
 
 from fx_shard.api import shard, shard_model, transform
+from fx_shard.checkpoint import load_sharded
 from fx_shard.collectives import Collectives, collectives
 from fx_shard.errors import CaptureError, FxShardError, PlanError
 from fx_shard.plan import STYLES, LayerPlan, ShardPlan
@@ -25,6 +26,7 @@ __all__ = [
     "ShardingRecord",
     "collectives",
     "init_runtime",
+    "load_sharded",
     "make_mesh",
     "report",
     "shard",

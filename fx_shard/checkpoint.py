@@ -37,7 +37,7 @@ from torch import fx, nn
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.layers import SplitLinear
 from fx_shard.sharding import SHARDING_KEY, Spec, axis_names, local_shape
-from fx_shard.xla import _param_specs, _torch_xla, mesh_shape_of, xla_device
+from fx_shard.xla import _torch_xla, mesh_shape_of, param_specs, xla_device
 
 __all__ = ["load_sharded", "shard_indices"]
 
@@ -83,7 +83,7 @@ def load_sharded(
             f"transform the model again with mesh_shape={mesh_shape_of(mesh)}"
         )
     device = xla_device()
-    specs = {id(param): spec for param, spec, _ in _param_specs(gm).values()}
+    specs = {id(param): spec for param, spec, _ in param_specs(gm).values()}
     with _open(source) as reader:
         plan, missing, left_on_meta = [], [], []
         for group in _tensor_groups(gm):

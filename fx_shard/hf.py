@@ -45,8 +45,9 @@ HF_STYLES: dict[str, LayerPlan] = {
 def hf_plan(model: nn.Module) -> dict[str, tuple[LayerPlan, str]]:
     """``model``'s own plan (``_tp_plan``, else ``config.base_model_tp_plan``) as ``{pattern: (plan, hf style)}``.
 
-    An LM head planned ``colwise_gather_output`` becomes style ``lm_head``
-    with its logits gathered, as transformers does.
+    An LM head planned ``colwise_gather_output`` becomes style ``lm_head``:
+    transformers gathers the logits on every device, fx_shard keeps them
+    vocabulary-sharded until they are read (same values, no all-gather).
     """
     plan = dict(getattr(model, "_tp_plan", None) or {})
     config = getattr(model, "config", None)
@@ -61,7 +62,7 @@ def hf_plan(model: nn.Module) -> dict[str, tuple[LayerPlan, str]]:
             logger.info("Hugging Face plan entry %r: style %r has no fx_shard equivalent; replicated", pattern, style)
             layer = LayerPlan("replicate")
         if style == "colwise_gather_output" and pattern.rsplit(".", 1)[-1] == "lm_head":
-            layer = LayerPlan("lm_head", gather_output=True)
+            layer = LayerPlan("lm_head")
         mapped[pattern] = (layer, style)
     return mapped
 

@@ -16,9 +16,9 @@ import torch
 from torch import fx
 
 from fx_shard.errors import FxShardError, PlanError
-from fx_shard.sharding import layer_parameters
+from fx_shard.sharding import layer_parameters, model_sharding
 
-__all__ = ["hlo_dump_dir", "init_runtime", "make_mesh", "materialize", "mesh_shape_of", "xla_device"]
+__all__ = ["hlo_dump_dir", "init_runtime", "param_specs", "make_mesh", "materialize", "mesh_shape_of", "xla_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +130,24 @@ def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
 
     xs = _torch_xla().distributed.spmd
     _move_keeping_ties(gm, xla_device())
-    for param, spec, owner in _param_specs(gm).values():
+    for param, spec, owner in param_specs(gm).values():
         xs.mark_sharding(param, mesh, spec)
         logger.debug("%s: %s", owner, spec)
     for module in gm.modules():
         if isinstance(module, ShardingConstraint):
             module.mesh = mesh
+    for path, record in model_sharding(gm).layers.items():  # layers outside graphs: a hook, not a node
+        if record.output_spec is not None:
+            constraint = ShardingConstraint(record.output_spec)
+            constraint.mesh = mesh
+            gm.get_submodule(path).register_forward_hook(lambda module, args, out, c=constraint: _constrain_first(c, out))
     return gm
+
+
+def _constrain_first(constraint, output):
+    if isinstance(output, tuple):
+        return (constraint(output[0]), *output[1:])
+    return constraint(output)
 
 
 def _move_keeping_ties(module: torch.nn.Module, device: torch.device) -> None:
@@ -154,7 +165,7 @@ def _move_keeping_ties(module: torch.nn.Module, device: torch.device) -> None:
                 table[name] = moved[id(tensor)]
 
 
-def _param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple, str]]:
+def param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple, str]]:
     """Each sharded parameter once, by identity, with its spec and owning parameter name."""
     specs: dict[int, tuple[torch.nn.Parameter, tuple, str]] = {}
     for target, record, name, param in layer_parameters(gm):
