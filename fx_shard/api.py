@@ -6,8 +6,8 @@ import copy
 import logging
 from collections.abc import Mapping
 
+import torch
 from torch import fx, nn
-from torch.fx.passes.infra.pass_manager import PassManager
 
 from fx_shard.capture import Captured, capture_parts, is_linear_like, linear_like_modules, propagate_shapes, record_part_inputs
 from fx_shard.hf import hf_plan, use_einsum_attention
@@ -23,7 +23,7 @@ from fx_shard.passes import (
 from fx_shard.infer import infer_plan
 from fx_shard.passes.fit_heads_to_mesh import fit_to_heads
 from fx_shard.plan import ShardPlan, resolve_tp_axis
-from fx_shard.sharding import SHARDING_KEY, Axis, ModelSharding, ShardingRecord, axis_size
+from fx_shard.sharding import SHARDING_KEY, Axis, ModelSharding, PassDiff, ShardingRecord, axis_size
 from fx_shard.xla import materialize, mesh_shape_of
 
 __all__ = ["shard", "shard_model", "transform"]
@@ -75,19 +75,42 @@ def transform(
         AttentionToEinsum(),
         InsertShardingConstraints(),
     ]
+    diff = []
     for prefix, gm in captured.parts.items():
         passes[0] = AnnotateSharding(_under(records, prefix))
-        PassManager(passes, run_checks_after_each_pass=True)(gm)
+        for p in passes:
+            before = _describe_nodes(gm)
+            p(gm)
+            diff.append(_diff(type(p).__name__, prefix, before, _describe_nodes(gm)))
     opaque_layers = {path: _fit_opaque(root, path, r, mesh_shape) for path, r in records.items() if path not in in_graphs}
     use_einsum_attention(root)
     summary = ModelSharding(
-        dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes), opaque_layers, captured.opaque
+        dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes), opaque_layers, captured.opaque, tuple(diff)
     )
     if isinstance(root, fx.GraphModule):
         root.meta[SHARDING_KEY] = summary
     else:
         root.meta = {SHARDING_KEY: summary}
     return root
+
+
+def _describe_nodes(gm: fx.GraphModule) -> dict[str, str]:
+    """Each node as ``name = op target(args)``, to see what a pass added, removed or rewrote."""
+    described = {}
+    for node in gm.graph.nodes:
+        target = node.target if isinstance(node.target, str) else torch.fx.node._get_qualified_name(node.target)
+        args = ", ".join(map(str, node.args)) + "".join(f", {k}={v}" for k, v in node.kwargs.items())
+        described[node.name] = f"{node.name} = {target}({args})"
+    return described
+
+
+def _diff(pass_name: str, part: str, before: dict[str, str], after: dict[str, str]) -> PassDiff:
+    return PassDiff(
+        pass_name, part,
+        added=tuple(after[n] for n in after if n not in before),
+        removed=tuple(before[n] for n in before if n not in after),
+        rewritten=tuple((before[n], after[n]) for n in after if n in before and before[n] != after[n]),
+    )
 
 
 def _join(prefix: str, name: str) -> str:

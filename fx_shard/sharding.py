@@ -22,6 +22,7 @@ __all__ = [
     "axis_names",
     "axis_size",
     "ModelSharding",
+    "PassDiff",
     "ShardingRecord",
     "Spec",
     "layer_parameters",
@@ -61,12 +62,24 @@ class ShardingRecord:
 
 
 @dataclass(frozen=True)
+class PassDiff:
+    """What one pass changed in one graph: nodes added, removed, and rewritten (before, after)."""
+
+    pass_name: str
+    part: str
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    rewritten: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSharding:
     """Model-wide facts: the mesh, the tensor-parallel axis (or axes), the passes run.
 
     For a model captured part by part, ``layers`` holds the records of the
     linear-like layers outside any graph (planned as modules) and ``opaque``
-    the modules that did not trace, with the reason.
+    the modules that did not trace, with the reason. ``diff`` has what each
+    pass changed in each graph (the raw material of the report's graph diff).
     """
 
     mesh_shape: Mapping[str, int]
@@ -74,6 +87,7 @@ class ModelSharding:
     passes: tuple[str, ...] = field(default=())
     layers: Mapping[str, ShardingRecord] = field(default_factory=dict)
     opaque: Mapping[str, str] = field(default_factory=dict)
+    diff: tuple[PassDiff, ...] = ()
 
 
 def sharding_of(node: fx.Node) -> ShardingRecord | None:
