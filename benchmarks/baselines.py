@@ -6,12 +6,22 @@
   outputs are concatenated again (``SplitFusedLinear`` alone), attention as
   the model wrote it.
 - ``fx_shard``: the full pipeline (``fx_shard.shard``).
+
+The step-time benchmark adds two that shard nothing themselves:
+
+- ``replicated``: the model moved to the XLA device as it is; under SPMD every
+  device holds and computes all of it.
+- ``auto``: the same, in a process whose runtime was started with
+  ``xr.use_spmd(auto=True)``: XLA's auto-sharding pass chooses the shardings
+  when the first step compiles (``start_runtime(devices, auto=True)``).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
+import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
@@ -23,6 +33,53 @@ from fx_shard.sharding import SHARDING_KEY, ModelSharding
 from fx_shard.xla import materialize, mesh_shape_of
 
 STRATEGIES = ("fused", "seed", "fx_shard")
+#: Everything the step-time benchmark compares; ``auto`` needs a runtime of its own.
+ALL_STRATEGIES = ("replicated", "seed", "fused", "auto", "fx_shard")
+
+
+def start_runtime(devices: int, auto: bool = False) -> int:
+    """Start this process's XLA runtime in SPMD mode with ``devices`` devices (auto-sharding if ``auto``).
+
+    Auto-sharding is a property of the runtime (``xr.use_spmd(auto=True)``
+    before any XLA tensor exists), so a process is either all ``auto`` or none.
+    """
+    if auto:
+        os.environ.setdefault("PJRT_DEVICE", "CPU")
+        if os.environ["PJRT_DEVICE"] == "CPU":
+            os.environ.setdefault("CPU_NUM_DEVICES", str(devices))
+        import torch_xla.runtime as xr
+
+        xr.use_spmd(auto=True)
+    return fx_shard.init_runtime(devices)
+
+
+def place(strategy: str, model: nn.Module, mesh, plan: dict, example_inputs: tuple) -> nn.Module:
+    """``model`` ready to run on the XLA device the way ``strategy`` (one of ``ALL_STRATEGIES``) runs it."""
+    if strategy in ("replicated", "auto"):
+        if strategy == "auto" and os.environ.get("XLA_AUTO_SPMD") != "1":
+            raise RuntimeError("strategy 'auto' needs a runtime started with start_runtime(devices, auto=True)")
+        return to_device_keeping_ties(copy.deepcopy(model), fx_shard.xla_device())
+    return shard_with(strategy, model, mesh, plan, example_inputs)
+
+
+def to_device_keeping_ties(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)``, except that a Parameter shared by two layers stays one tensor.
+
+    ``Module.to`` makes a new Parameter per owner when moving to XLA, which
+    would double tied embeddings and train them as two tensors.
+    """
+    moved: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, tensor in table.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in moved:
+                    data = tensor.detach().to(device)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    moved[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if is_param else data
+                table[name] = moved[id(tensor)]
+    return module
 
 
 def shard_with(strategy: str, model: nn.Module, mesh, plan: dict, example_inputs: tuple) -> fx.GraphModule:
@@ -38,6 +95,24 @@ def shard_with(strategy: str, model: nn.Module, mesh, plan: dict, example_inputs
     gm = PassManager(passes)(gm).graph_module
     gm.meta[SHARDING_KEY] = ModelSharding(mesh_shape, axis, tuple(type(p).__name__ for p in passes))
     return materialize(gm, mesh)
+
+
+def ideal_parameter_bytes(model: nn.Module, plan: dict, mesh_shape: dict[str, int], example_inputs: tuple) -> int:
+    """Per-device parameter bytes if every tensor ``plan`` shards were split over the whole mesh.
+
+    The plan as written (fused layers split into parts, each part's rows over
+    the tensor-parallel axis), with no fitting to head counts: the yardstick
+    for what any strategy keeps per device. No XLA needed.
+    """
+    from fx_shard.report import parameter_bytes
+
+    axis = resolve_tp_axis(mesh_shape)
+    gm = capture(copy.deepcopy(model))
+    propagate_shapes(gm, example_inputs)
+    records = ShardPlan(plan).resolve(linear_like_modules(gm), mesh_shape, axis)
+    gm = PassManager([AnnotateSharding(records), SplitFusedLinear()])(gm).graph_module
+    gm.meta[SHARDING_KEY] = ModelSharding(dict(mesh_shape), axis, ())
+    return parameter_bytes(gm)[2]
 
 
 def _plan(strategy: str, plan: dict) -> ShardPlan:
