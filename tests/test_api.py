@@ -34,7 +34,15 @@ def test_transform_keeps_function_and_state_dict(name):
         assert torch.equal(value, before[key])
     passes = ("AnnotateSharding", "SplitFusedLinear", "RewireFusedConsumers", "FitHeadsToMesh", "AttentionToEinsum",
               "InsertShardingConstraints")
-    assert gm.meta[SHARDING_KEY] == ModelSharding({"tp": 4}, "tp", passes)
+    summary = gm.meta[SHARDING_KEY]
+    assert (summary.mesh_shape, summary.tp_axis, summary.passes, summary.layers, summary.opaque) == ({"tp": 4}, "tp", passes, {}, {})
+    assert [d.pass_name for d in summary.diff] == list(passes)
+    diff = {d.pass_name: d for d in summary.diff}
+    # One rewritten call per attention (sdpa) or per matmul (ViT's two per block); 2 blocks each.
+    assert len(diff["AttentionToEinsum"].rewritten) == (4 if name == "vit" else 2)
+    assert all("fx_shard.ops." in after for _, after in diff["AttentionToEinsum"].rewritten)
+    fused = name in ("gpt2", "vit", "llama-vllm")
+    assert bool(diff["SplitFusedLinear"].added) == fused and bool(diff["RewireFusedConsumers"].removed) == fused
 
 
 def _joins_parts(cat) -> bool:
