@@ -10,7 +10,7 @@ from fx_shard import models
 from fx_shard.errors import CaptureError
 from fx_shard.layers import SplitLinear
 from fx_shard.models.plans import PLANS
-from fx_shard.sharding import SHARDING_KEY, ModelSharding
+from fx_shard.sharding import SHARDING_KEY
 
 
 @pytest.mark.parametrize("name", models.MODELS)
