@@ -471,6 +471,35 @@ def plan_items(devices, strategies, model_names, sizes, modes, one_device_strate
             for mode in modes if has_size(m, z) and (d > 1 or not one_device_strategies or s in one_device_strategies)]
 
 
+def _follow(proc, by_key: dict[str, Item], rows: dict, progress: Progress, info: dict) -> list[Item] | None:
+    """Read a child's events until it exits; returns the case it was in when it stopped (None between cases)."""
+    current = None
+    for line in proc.stdout:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event["event"] == "start":
+            current = [by_key[k] for k in event["keys"]]
+            c = current[0]
+            progress.start(f"{c.devices} dev · {c.model} {c.size} · {c.mode} · {', '.join(i.strategy for i in current)}")
+        elif event["event"] == "info":
+            info.setdefault("memory_info", event["memory_info"])
+        elif event["event"] == "row":
+            row = event["row"]
+            key = Item(*(row[f] for f in ("devices", "strategy", "model", "size", "mode"))).key
+            rows[key] = row
+            note = ""
+            if "error" in row:
+                note = f"failed: {by_key[key].label()}: {row['error'][:300]}"
+            elif row.get("steady_recompiles"):
+                note = f"warning: {by_key[key].label()} recompiled {row['steady_recompiles']}x in steady steps"
+            progress.done(note=note)
+            if current and all(i.key in rows for i in current):
+                current = None
+    return current
+
+
 def run_group(items: list[Item], args, progress: Progress, info: dict) -> list[dict]:
     """Run ``items`` (same devices; all auto or none) in child processes, restarting after a crash."""
     rows: dict[str, dict] = {}
@@ -487,31 +516,13 @@ def run_group(items: list[Item], args, progress: Progress, info: dict) -> list[d
         with log.open("w") as err:
             proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                                     stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-            by_key = {i.key: i for i in remaining}
-            for line in proc.stdout:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event["event"] == "start":
-                    current = [by_key[k] for k in event["keys"]]
-                    strategies = ", ".join(i.strategy for i in current)
-                    c = current[0]
-                    progress.start(f"{c.devices} dev · {c.model} {c.size} · {c.mode} · {strategies}")
-                elif event["event"] == "info":
-                    info.setdefault("memory_info", event["memory_info"])
-                elif event["event"] == "row":
-                    row = event["row"]
-                    key = Item(*(row[f] for f in ("devices", "strategy", "model", "size", "mode"))).key
-                    rows[key] = row
-                    note = ""
-                    if "error" in row:
-                        note = f"failed: {by_key[key].label()}: {row['error'][:300]}"
-                    elif row.get("steady_recompiles"):
-                        note = f"warning: {by_key[key].label()} recompiled {row['steady_recompiles']}x in steady steps"
-                    progress.done(note=note)
-            proc.wait()
-        shutil.rmtree(dump, ignore_errors=True)
+            try:
+                current = _follow(proc, {i.key: i for i in remaining}, rows, progress, info)
+            finally:  # also on Ctrl-C: no orphaned child, no dump left behind
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                shutil.rmtree(dump, ignore_errors=True)
         remaining = [i for i in remaining if i.key not in rows]
         if not remaining:
             log.unlink(missing_ok=True)
