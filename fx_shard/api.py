@@ -20,9 +20,10 @@ from fx_shard.passes import (
     RewireFusedConsumers,
     SplitFusedLinear,
 )
-from fx_shard.infer import infer_plan
+from fx_shard.errors import PlanError
+from fx_shard.infer import Inferred, infer_from_export, infer_plan
 from fx_shard.passes.fit_heads_to_mesh import fit_to_heads
-from fx_shard.plan import ShardPlan, resolve_tp_axis
+from fx_shard.plan import LayerPlan, ShardPlan, first_match, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, Axis, ModelSharding, PassDiff, ShardingRecord, axis_size
 from fx_shard.xla import materialize, mesh_shape_of
 
@@ -65,8 +66,14 @@ def transform(
         for prefix, gm in captured.parts.items():
             inferred.update(infer_plan(gm, axis_size(mesh_shape, axis), prefix))
     layers = _linear_layers(captured)
-    records = shard_plan.resolve(layers, mesh_shape, axis, inferred, model_plan)
     in_graphs = {_join(prefix, t) for prefix, gm in captured.parts.items() for t in linear_like_modules(gm)}
+    unplanned = [
+        p for p in layers
+        if p not in in_graphs and shard_plan.match(p) is None and class_style(layers[p]) is None and first_match(model_plan, p) is None
+    ]
+    if shard_plan.auto and unplanned:
+        inferred.update(_infer_opaque(model, unplanned, captured.opaque, example_inputs, example_kwargs, axis_size(mesh_shape, axis)))
+    records = shard_plan.resolve(layers, mesh_shape, axis, inferred, model_plan)
     passes = [
         AnnotateSharding({}),
         SplitFusedLinear(),
@@ -111,6 +118,27 @@ def _diff(pass_name: str, part: str, before: dict[str, str], after: dict[str, st
         removed=tuple(before[n] for n in before if n not in after),
         rewritten=tuple((before[n], after[n]) for n in after if n in before and before[n] != after[n]),
     )
+
+
+def _infer_opaque(
+    model: nn.Module, paths: list[str], opaque: Mapping[str, str], args: tuple | None, kwargs: Mapping | None, ways: int
+) -> dict[str, Inferred]:
+    """Inferred decisions for layers outside every graph, from the graph ``torch.export`` captures."""
+    if args is None and not kwargs:
+        kwargs = getattr(model, "dummy_inputs", None)
+        if not isinstance(kwargs, Mapping):
+            where = ", ".join(sorted(opaque)[:3])
+            raise PlanError(
+                f"plan='auto' needs example inputs for the layers torch.fx could not trace (in {where}): "
+                f"{', '.join(paths[:4])}{' ...' if len(paths) > 4 else ''}; pass example_inputs= or example_kwargs="
+            )
+    try:
+        inferred = infer_from_export(model, tuple(args or ()), dict(kwargs or {}), ways)
+    except Exception as e:  # the layers stay replicated, and the report says why
+        why = f"inferred: replicated, torch.export could not capture {type(model).__name__} either ({type(e).__name__})"
+        logger.info("%s: %s", why, e)
+        return {p: Inferred(LayerPlan("replicate"), why) for p in paths}
+    return {p: d for p, d in inferred.items() if p in paths}
 
 
 def _join(prefix: str, name: str) -> str:

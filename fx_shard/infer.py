@@ -19,7 +19,7 @@ decides how fast the model runs, never what it computes.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,16 +27,23 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fx_shard.capture import is_linear_like
+from fx_shard.ops import batched_matmul, einsum_attention
 from fx_shard.layers import in_features, out_features
-from fx_shard.patterns import RESHAPE, op_of, parts_axis, shape_args, split_sections, static_int
+from fx_shard.patterns import RESHAPE, op_of, parts_axis, rank, shape_args, shape_of, split_sections, static_int
 from fx_shard.plan import LayerPlan
 
-__all__ = ["Inferred", "infer_plan"]
+__all__ = ["Inferred", "infer_from_export", "infer_plan"]
 
+_ATEN = torch.ops.aten
+# The argument an ATen linear-like op reads its activation from.
+_ATEN_DATA_ARG = {_ATEN.linear.default: 0, _ATEN.addmm.default: 1, _ATEN.mm.default: 0, _ATEN.embedding.default: 1}
 _LOCAL_MODULES = (nn.SiLU, nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.Mish, nn.LeakyReLU)
-_NORMS = {F.layer_norm, F.group_norm, F.rms_norm, torch.layer_norm, torch.rms_norm, F.normalize}
-_CONTRACTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, "matmul", "bmm"}
-_ATTENTION = {F.scaled_dot_product_attention}
+_NORMS = {F.layer_norm, F.group_norm, F.rms_norm, torch.layer_norm, torch.rms_norm, F.normalize,
+          _ATEN.layer_norm.default, _ATEN.native_layer_norm.default, _ATEN.group_norm.default, _ATEN.rms_norm.default}
+_CONTRACTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, "matmul", "bmm", batched_matmul,
+                 _ATEN.matmul.default, _ATEN.bmm.default, _ATEN.einsum.default, _ATEN.baddbmm.default}
+_ATTENTION = {F.scaled_dot_product_attention, einsum_attention, _ATEN.scaled_dot_product_attention.default,
+              _ATEN._scaled_dot_product_flash_attention_for_cpu.default}
 _FEATURE_REDUCTIONS = {"mean", "sum", "var", "std", "norm", "amax", "amin", "max", "min", "logsumexp", "softmax",
                        "log_softmax", "argmax", "argmin", "topk", "cumsum"}
 
@@ -62,54 +69,103 @@ def infer_plan(gm: fx.GraphModule, ways: int, prefix: str = "") -> dict[str, Inf
     does not divide stays replicated, with the reason. ``prefix`` is ``gm``'s
     own path in the model, for a part of a model captured part by part.
     """
-    from fx_shard.ops import batched_matmul, einsum_attention
+    layers = {
+        n: (f"{prefix}.{n.target}" if prefix else n.target, gm.get_submodule(n.target))
+        for n in gm.graph.find_nodes(op="call_module")
+        if is_linear_like(gm.get_submodule(n.target))
+    }
+    inputs = set(gm.graph.find_nodes(op="placeholder"))
+    return _infer(layers, ways, lambda node: gm.get_submodule(node.target), list(gm.modules()), inputs)
 
-    contractions = _CONTRACTIONS | {batched_matmul}
-    attention = _ATTENTION | {einsum_attention}
+
+def infer_from_export(model: nn.Module, args: tuple, kwargs: Mapping, ways: int) -> dict[str, Inferred]:
+    """The same inference on the ATen graph ``torch.export`` (non-strict) captures with example inputs.
+
+    For models torch.fx cannot trace: each ATen op that reads a linear-like
+    layer's weight is mapped back to the layer through ``nn_module_stack``.
+    """
+    exported = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    parameters = exported.graph_signature.inputs_to_parameters
+    layers: dict[fx.Node, tuple[str, nn.Module]] = {}
+    for node in exported.graph_module.graph.nodes:
+        if node.op != "call_function" or not any(isinstance(a, fx.Node) and a.name in parameters for a in node.args):
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        path = stack[-1][0] if stack else ""
+        path = path.removeprefix("L['self'].").replace("L['self']", "")
+        module = _get(model, path)
+        if module is not None and is_linear_like(module) and _data_input(node) is not None:
+            layers[node] = (path, module)
+    user_inputs = set(exported.graph_signature.user_inputs)
+    inputs = {n for n in exported.graph_module.graph.find_nodes(op="placeholder") if n.name in user_inputs}
+    return _infer(layers, ways, lambda node: None, list(model.modules()), inputs)
+
+
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _data_input(node: fx.Node) -> fx.Node | None:
+    """The activation a linear-like node reads (not its weight)."""
+    if node.op == "call_module":
+        return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    index = _ATEN_DATA_ARG.get(node.target)
+    return node.args[index] if index is not None and isinstance(node.args[index], fx.Node) else None
+
+
+def _infer(
+    layers: Mapping[fx.Node, tuple[str, nn.Module]],
+    ways: int,
+    module_called: Callable[[fx.Node], nn.Module | None],
+    all_modules: list[nn.Module],
+    inputs: set[fx.Node],
+) -> dict[str, Inferred]:
+    """The inference over any graph whose linear-like layers are ``layers`` (node -> (path, module)).
+
+    ``inputs`` are the model's own inputs (not parameters or buffers).
+    """
     decisions: dict[str, Inferred] = {}
-    nodes = {n.target: n for n in gm.graph.find_nodes(op="call_module") if is_linear_like(gm.get_submodule(n.target))}
     unpaired: dict[str, str] = {}
     rows: dict[str, list[str]] = {}  # row-parallel layer -> the column layers feeding it
-    for target, node in nodes.items():
-        module = gm.get_submodule(target)
-        if isinstance(module, nn.Embedding):
-            fed_by_input = node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"
-            if fed_by_input and module.num_embeddings % ways == 0:
-                decisions[target] = Inferred(LayerPlan("vocab"), "inferred: embedding of a model input (vocabulary rows)")
+    by_path = {path: module for path, module in layers.values()}
+    for node, (path, module) in layers.items():
+        if isinstance(module, nn.Embedding) or node.target is torch.ops.aten.embedding.default:
+            source = _data_input(node)
+            while source is not None and op_of(source) in RESHAPE:
+                source = source.args[0]
+            fed_by_input = source in inputs
+            if fed_by_input and module.weight.shape[0] % ways == 0:
+                decisions[path] = Inferred(LayerPlan("vocab"), "inferred: embedding of a model input (vocabulary rows)")
             else:
-                unpaired[target] = "not the embedding of a model input" if not fed_by_input else f"{module.num_embeddings} rows do not split {ways} ways"
+                why = f"{module.weight.shape[0]} rows do not split {ways} ways" if fed_by_input else "not the embedding of a model input"
+                unpaired.setdefault(path, why)
             continue
-        if target in decisions:
+        if path in decisions:
             continue
-        reach = _walk(gm, node, nodes, contractions, attention)
+        reach = _walk(node, layers, module_called)
         if reach.escaped is None and reach.linears and all(r in rows or r not in decisions for r in reach.linears):
             for r in reach.linears:
-                rows.setdefault(r, []).append(target)
-            decisions.update(_pair(gm, node, {r: rows[r] for r in reach.linears}, ways, prefix))
-        elif reach.escaped == "output" and _is_head(gm, module, ways):
-            decisions[target] = Inferred(LayerPlan("lm_head"), "inferred: projects to the model's output, widening")
+                rows.setdefault(r, []).append(path)
+            decisions.update(_pair(node, path, module, {r: (by_path[r], rows[r]) for r in reach.linears}, ways))
+        elif reach.escaped == "output" and _is_head(module, all_modules, ways):
+            decisions[path] = Inferred(LayerPlan("lm_head"), "inferred: projects to the model's output, widening")
         else:
-            unpaired[target] = f"its output is needed whole at {reach.escaped}" if reach.escaped else "feeds no other linear"
-    for target, why in unpaired.items():
-        decisions.setdefault(target, Inferred(LayerPlan("replicate"), f"inferred: replicated, {why}"))
-    return {_path(prefix, t): d for t, d in decisions.items()}
-
-
-def _path(prefix: str, target: str) -> str:
-    return f"{prefix}.{target}" if prefix else target
+            unpaired[path] = f"its output is needed whole at {reach.escaped}" if reach.escaped else "feeds no other linear"
+    for path, why in unpaired.items():
+        decisions.setdefault(path, Inferred(LayerPlan("replicate"), f"inferred: replicated, {why}"))
+    return decisions
 
 
 def _pair(
-    gm: fx.GraphModule, node: fx.Node, row_targets: Mapping[str, list[str]], ways: int, prefix: str
+    node: fx.Node, path: str, module: nn.Module, rows: Mapping[str, tuple[nn.Module, list[str]]], ways: int
 ) -> dict[str, Inferred]:
-    """Column decision for ``node`` and row decisions for its partners, or replication when ``ways`` does not divide.
-
-    Reasons name layers by their path in the whole model.
-    """
-    module = gm.get_submodule(node.target)
+    """Column decision for ``node`` and row decisions for its partners, or replication when ``ways`` does not divide."""
     outputs = out_features(module)
     fused = _fused_layout(node, outputs)
-    partners = ", ".join(_path(prefix, t) for t in row_targets)
+    partners = ", ".join(rows)
     if fused is not None:
         style, sizes, how = fused
         layer = LayerPlan(style, output_sizes=tuple(sizes))
@@ -120,17 +176,15 @@ def _pair(
         reason = f"inferred: column-parallel into {partners}"
         divides = outputs % ways == 0
     if not divides:
-        why = f"inferred: replicated, {outputs} output features do not split {ways} ways"
-        return {node.target: Inferred(LayerPlan("replicate"), why)}
-    decisions = {node.target: Inferred(layer, reason)}
-    for target in row_targets:
-        if in_features(gm.get_submodule(target)) % ways == 0:
-            feeders = ", ".join(_path(prefix, t) for t in row_targets[target])
-            decisions[target] = Inferred(LayerPlan("rowwise"), f"inferred: row-parallel after {feeders}")
+        return {path: Inferred(LayerPlan("replicate"), f"inferred: replicated, {outputs} output features do not split {ways} ways")}
+    decisions = {path: Inferred(layer, reason)}
+    for row, (row_module, feeders) in rows.items():
+        if in_features(row_module) % ways == 0:
+            decisions[row] = Inferred(LayerPlan("rowwise"), f"inferred: row-parallel after {', '.join(feeders)}")
     return decisions
 
 
-def _walk(gm, start: fx.Node, linears: Mapping[str, fx.Node], contractions, attention) -> _Reach:
+def _walk(start: fx.Node, layers: Mapping[fx.Node, tuple[str, nn.Module]], module_called) -> _Reach:
     """Follow ``start``'s output through feature-local ops to the linears it feeds."""
     reached: list[str] = []
     frontier = [(start, False)]
@@ -143,11 +197,12 @@ def _walk(gm, start: fx.Node, linears: Mapping[str, fx.Node], contractions, atte
             seen.add(user)
             if user.op == "output":
                 return _Reach(reached, "output")
-            if user.op == "call_module" and user.target in linears:
-                if user.args and user.args[0] is value and user.target not in reached:
-                    reached.append(user.target)
+            if user in layers:
+                path = layers[user][0]
+                if _data_input(user) is value and path not in reached:
+                    reached.append(path)
                 continue
-            step = _local_step(gm, user, after_scores, contractions, attention)
+            step = _local_step(user, after_scores, module_called)
             if step is None:
                 return _Reach(reached, user.format_node())
             frontier.append((user, step))
@@ -156,42 +211,48 @@ def _walk(gm, start: fx.Node, linears: Mapping[str, fx.Node], contractions, atte
 
 def _reads_shape_only(node: fx.Node) -> bool:
     """Shape reads carry no data: what they feed is not derived from the tensor."""
-    return (node.op == "call_function" and node.target is getattr) or (
+    return (node.op == "call_function" and node.target in (getattr, torch.ops.aten.sym_size.int)) or (
         node.op == "call_method" and node.target in ("size", "dim")
     )
 
 
-def _local_step(gm, node: fx.Node, after_scores: bool, contractions, attention) -> bool | None:
+def _local_step(node: fx.Node, after_scores: bool, module_called) -> bool | None:
     """Whether ``node`` keeps features local: None if not; else whether its output's last dim is attention keys."""
     if node.op == "call_module":
-        return after_scores if isinstance(gm.get_submodule(node.target), _LOCAL_MODULES) else None
+        return after_scores if isinstance(module_called(node), _LOCAL_MODULES) else None
     op = op_of(node)
     if op is None or op in _NORMS:
         return None
-    if op in contractions:
+    if op in _CONTRACTIONS:
         return not after_scores
-    if op in attention:
+    if op in _ATTENTION:
         return False
-    name = op if isinstance(op, str) else getattr(op, "__name__", "")
-    if name in _FEATURE_REDUCTIONS and _reduces_last_dim(node) and not after_scores:
+    if _op_name(op) in _FEATURE_REDUCTIONS and _reduces_last_dim(node) and not after_scores:
         return None
     return after_scores
+
+
+def _op_name(op) -> str:
+    if isinstance(op, str):
+        return op
+    if isinstance(op, torch._ops.OpOverload):
+        return op.overloadpacket.__name__.lstrip("_")
+    return getattr(op, "__name__", "")
 
 
 def _reduces_last_dim(node: fx.Node) -> bool:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims = dim if isinstance(dim, (list, tuple)) else (dim,)
-    return dim is None or any(d == -1 or (isinstance(d, int) and d > 0 and d == _last(node)) for d in dims)
-
-
-def _last(node: fx.Node) -> int | None:
-    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-    return len(meta.shape) - 1 if meta is not None and hasattr(meta, "shape") else None
+    last = rank(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    return dim is None or any(d == -1 or (isinstance(d, int) and last is not None and d == last - 1) for d in dims)
 
 
 def _fused_layout(node: fx.Node, features: int) -> tuple[str, list[int], str] | None:
     """``(style, sizes, how)`` when the output is split into parts along the features right away."""
     output = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), node)
+    # An ATen linear on 3-D input is a 2-D addmm viewed back: look past views that keep the features.
+    while len(output.users) == 1 and op_of(next(iter(output.users))) in RESHAPE and _last_size(next(iter(output.users))) == features:
+        output = next(iter(output.users))
     for user in output.users:
         sections = split_sections(user, output, features)
         if sections is not None and len(sections) in (2, 3):
@@ -206,6 +267,11 @@ def _fused_layout(node: fx.Node, features: int) -> tuple[str, list[int], str] | 
     return None
 
 
-def _is_head(gm: fx.GraphModule, module: nn.Module, ways: int) -> bool:
-    tied = any(m is not module and getattr(m, "weight", None) is module.weight for m in gm.modules())
+def _last_size(node: fx.Node) -> int | None:
+    shape = shape_of(node)
+    return int(shape[-1]) if shape else None
+
+
+def _is_head(module: nn.Module, all_modules: list[nn.Module], ways: int) -> bool:
+    tied = any(m is not module and getattr(m, "weight", None) is module.weight for m in all_modules)
     return out_features(module) % ways == 0 and (tied or out_features(module) > in_features(module))

@@ -24,15 +24,19 @@ __all__ = [
     "parts_axis",
     "rank",
     "shape_args",
+    "shape_of",
     "split_sections",
     "static_int",
 ]
 
-SPLIT = ("split", torch.split, torch.Tensor.split)
-CHUNK = ("chunk", torch.chunk, torch.Tensor.chunk)
-UNBIND = ("unbind", torch.unbind, torch.Tensor.unbind)
-RESHAPE = ("view", "reshape", torch.reshape, torch.Tensor.view, torch.Tensor.reshape)
-PERMUTE = ("permute", torch.permute, torch.Tensor.permute)
+_ATEN = torch.ops.aten
+# Each op kind as Python (symbolic trace), method names, and ATen (torch.export) spell it.
+SPLIT = ("split", torch.split, torch.Tensor.split, _ATEN.split.Tensor, _ATEN.split_with_sizes.default)
+CHUNK = ("chunk", torch.chunk, torch.Tensor.chunk, _ATEN.chunk.default)
+UNBIND = ("unbind", torch.unbind, torch.Tensor.unbind, _ATEN.unbind.int)
+RESHAPE = ("view", "reshape", torch.reshape, torch.Tensor.view, torch.Tensor.reshape,
+           _ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default)
+PERMUTE = ("permute", torch.permute, torch.Tensor.permute, _ATEN.permute.default)
 
 _ARITHMETIC: dict[Callable, Callable] = {
     operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,
@@ -44,10 +48,19 @@ def op_of(node: fx.Node):
     return node.target if node.op in ("call_method", "call_function") else None
 
 
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The tensor shape from shape propagation (``tensor_meta``) or export (``val``), if known."""
+    for key in ("tensor_meta", "val"):
+        shape = getattr(node.meta.get(key), "shape", None)
+        if shape is not None:
+            return tuple(shape)
+    return None
+
+
 def rank(node: fx.Node) -> int | None:
-    """The tensor rank from shape propagation, if known."""
-    meta = node.meta.get("tensor_meta")
-    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    """The tensor rank, if known."""
+    shape = shape_of(node)
+    return None if shape is None else len(shape)
 
 
 def is_last_dim(dim, tensor: fx.Node) -> bool:
@@ -86,8 +99,8 @@ def _last_dim_size(tensor: fx.Node, dim, known: Mapping[fx.Node, int]) -> int | 
         return None
     if tensor in known:
         return known[tensor]
-    meta = tensor.meta.get("tensor_meta")
-    return int(meta.shape[-1]) if meta is not None and hasattr(meta, "shape") else None
+    shape = shape_of(tensor)
+    return int(shape[-1]) if shape else None
 
 
 def shape_args(node: fx.Node) -> list:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 from fx_shard.layers import class_style, in_features, out_features, output_dim
 from fx_shard.sharding import Axis, ShardingRecord, Spec, axis_names, axis_size
 
-__all__ = ["STYLES", "LayerPlan", "ShardPlan", "resolve_tp_axis"]
+__all__ = ["STYLES", "LayerPlan", "ShardPlan", "first_match", "resolve_tp_axis"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class ShardPlan:
 
     def match(self, name: str) -> str | None:
         """The entry that decides ``name``, by the precedence above, or None."""
-        return _first_match(self.entries, name)
+        return first_match(self.entries, name)
 
     def resolve(
         self,
@@ -175,7 +175,7 @@ class ShardPlan:
                 layer, source = self.entries[entry], f"plan entry {entry!r}"
             elif rule is not None:
                 layer, source = LayerPlan(rule[0]), f"class rule {rule[1]}"
-            elif model_plan and (pattern := _first_match(model_plan, name)) is not None:
+            elif model_plan and (pattern := first_match(model_plan, name)) is not None:
                 layer, source = model_plan[pattern][0], f"model plan {pattern!r} ({model_plan[pattern][1]})"
             elif inferred and name in inferred:
                 layer, source = inferred[name].layer, inferred[name].reason
@@ -191,7 +191,7 @@ class ShardPlan:
         return records
 
 
-def _first_match(patterns: Mapping[str, object], name: str) -> str | None:
+def first_match(patterns: Mapping[str, object], name: str) -> str | None:
     """The exact key ``name``, else the first glob (``*`` crosses dots) or ``re:`` pattern matching it."""
     if name in patterns:
         return name

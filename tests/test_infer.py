@@ -104,3 +104,36 @@ def test_explicit_entries_and_class_rules_win_over_inference():
     plan = fx_shard.ShardPlan({"lm_head": "replicate"}, auto=True)
     found = styles(fx_shard.transform(model, plan, mesh_shape={"tp": 2}, example_inputs=inputs))
     assert found["lm_head"] == "replicate" and found["model.layers.0.mlp.up_proj"] == "colwise"
+
+
+class ShapeBranchy(nn.Module):
+    """Branches on a shape: torch.fx cannot trace it, torch.export can (shapes are static there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x)))
+        return h if x.shape[0] > 1 else -h
+
+
+def test_opaque_layers_are_inferred_from_an_exported_graph():
+    torch.manual_seed(0)
+    model, x = ShapeBranchy().eval(), torch.randn(4, 8)
+    with pytest.raises(fx_shard.PlanError, match=r"plan='auto' needs example inputs for the layers torch.fx could not trace \(in \): up, down; pass example_inputs= or example_kwargs="):
+        fx_shard.transform(model, "auto", mesh_shape={"tp": 2})
+    root = fx_shard.transform(model, "auto", mesh_shape={"tp": 2}, example_inputs=(x,))
+    layers = root.meta[SHARDING_KEY].layers
+    assert (layers["up"].style, layers["down"].style) == ("colwise", "rowwise")
+    assert layers["down"].source == "inferred: row-parallel after up"
+    torch.testing.assert_close(root(x), model(x))
+
+
+def test_layers_export_cannot_capture_either_stay_replicated_with_the_reason():
+    from tests.test_api import Branchy
+
+    root = fx_shard.transform(Branchy(), "auto", mesh_shape={"tp": 2}, example_inputs=(torch.randn(4, 8),))
+    layers = root.meta[SHARDING_KEY].layers
+    assert {layers[p].style for p in ("up", "down")} == {"replicate"}
+    assert layers["up"].source.startswith("inferred: replicated, torch.export could not capture Branchy either (")

@@ -42,3 +42,20 @@ def test_decoder_on_a_kv_mesh_shards_every_matrix(devices):
     assert dict(collectives(root, **kwargs)) == {"all-reduce": 5, **ZERO}
     with torch.no_grad():
         assert relative_error(root(**on_device(kwargs)).logits, model(**kwargs).logits) <= 1e-4
+
+
+def test_gpt2_without_a_plan_is_inferred_from_an_exported_graph(mesh, devices):
+    # GPT-2 ships no tensor-parallel plan and its attention does not trace: the plan for it comes from torch.export.
+    model, kwargs = build_hf("gpt2"), hf_inputs()
+    root = fx_shard.shard(model, mesh, "auto", example_kwargs=kwargs)
+    records = {path: record for path, record, pname, _ in layer_parameters(root) if pname == "weight"}
+    assert records["transformer.h.0.attn.c_attn"].style == "qkv"
+    assert records["transformer.h.0.attn.c_attn"].specs == {"weight": (None, "tp"), "bias": ("tp",)}  # Conv1D: (in, out)
+    assert records["transformer.h.0.attn.c_proj"].specs == {"weight": ("tp", None)}
+    assert records["transformer.wte"].style == "vocab" and records["lm_head"].style == "lm_head"
+    assert all(r.specs for path, r in records.items() if ".h." in path)
+    counts = collectives(root, **kwargs)
+    # The fused c_attn stays fused inside the opaque attention: its split costs collective-permutes, no all-gather.
+    assert counts["all-reduce"] == 5 and counts["all-gather"] == 0
+    with torch.no_grad():
+        assert relative_error(root(**on_device(kwargs)).logits, model(**kwargs).logits) <= 1e-4
