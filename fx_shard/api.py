@@ -20,7 +20,7 @@ from fx_shard.passes import (
     RewireFusedConsumers,
     SplitFusedLinear,
 )
-from fx_shard.errors import PlanError
+from fx_shard.errors import FxShardError, PlanError
 from fx_shard.infer import Inferred, infer_from_export, infer_plan
 from fx_shard.passes.fit_heads_to_mesh import fit_to_heads
 from fx_shard.plan import LayerPlan, ShardPlan, first_match, resolve_tp_axis
@@ -55,6 +55,7 @@ def transform(
     split of the last dimension only if the tensor is 3-D).
     """
     axis = resolve_tp_axis(mesh_shape, tp_axis)
+    _check_host_model(model)
     captured = capture_parts(copy.deepcopy(model))
     root = captured.root
     if example_inputs is not None or example_kwargs:
@@ -120,6 +121,17 @@ def _diff(pass_name: str, part: str, before: dict[str, str], after: dict[str, st
     )
 
 
+def _check_host_model(model: nn.Module) -> None:
+    """fx_shard places parameters itself: a model already on an accelerator (or sharded) is refused."""
+    for name, param in model.named_parameters():
+        if param.device.type not in ("cpu", "meta"):
+            raise FxShardError(
+                f"{type(model).__name__}.{name} is already on {param.device}; fx_shard.shard and transform take a "
+                "model on the CPU or the meta device and place it themselves (for a model already on the XLA "
+                "device, use fx_shard.shard_model, which shards in place)"
+            )
+
+
 def _infer_opaque(
     model: nn.Module, paths: list[str], opaque: Mapping[str, str], args: tuple | None, kwargs: Mapping | None, ways: int
 ) -> dict[str, Inferred]:
@@ -177,7 +189,7 @@ def _fit_opaque(root: nn.Module, path: str, record: ShardingRecord, mesh_shape: 
     owner = root.get_submodule(path.rpartition(".")[0])
     head_dim = getattr(owner, "head_dim", None)
     module = root.get_submodule(path)
-    fitted = fit_to_heads(record, out_features(module), head_dim, mesh_shape) if record.style == "colwise" else None
+    fitted = fit_to_heads(path, record, out_features(module), head_dim, mesh_shape) if record.style == "colwise" else None
     return fitted or record
 
 

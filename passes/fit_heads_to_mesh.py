@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fx_shard.errors import PlanError
 from fx_shard.layers import out_features
 from fx_shard.passes.utils import result
 from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, sharding_of
@@ -45,24 +46,34 @@ class FitHeadsToMesh(PassBase):
             if record is None or record.style != "colwise":
                 continue
             features = out_features(graph_module.get_submodule(node.target))
-            fitted = fit_to_heads(record, features, head_dim_of(node, features), self.mesh_shape)
+            fitted = fit_to_heads(node.target, record, features, head_dim_of(node, features), self.mesh_shape)
             if fitted is not None:
                 node.meta[SHARDING_KEY] = fitted
                 modified = True
         return result(graph_module, modified)
 
 
-def fit_to_heads(record: ShardingRecord, features: int, head_dim: int | None, mesh_shape: Mapping[str, int]) -> ShardingRecord | None:
+def fit_to_heads(
+    where: str, record: ShardingRecord, features: int, head_dim: int | None, mesh_shape: Mapping[str, int]
+) -> ShardingRecord | None:
     """A column-parallel record changed so that no head is split, or None when none is.
 
     The longest prefix of the record's mesh axes that divides the heads keeps
-    sharding them; with none, the layer is replicated.
+    sharding them; with none, the layer is replicated. More heads than
+    devices that still do not divide is a plan mistake when an explicit plan
+    entry chose the layer: an error naming ``where``.
     """
     axes = axis_names(record.specs["weight"][0] if record.specs["weight"][0] is not None else record.specs["weight"][1])
     ways = lambda names: math.prod(mesh_shape[a] for a in names)  # noqa: E731
     if record.style != "colwise" or head_dim is None or (features // head_dim) % ways(axes) == 0:
         return None
     heads = features // head_dim
+    if heads > ways(axes) and record.source.startswith("plan entry"):
+        divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+        raise PlanError(
+            f"heads ({heads}) are not divisible by mesh axes {axes} ({ways(axes)}) in {where} ({record.source}); "
+            f"use a mesh axis of {divisors}, or replicate this layer in the plan"
+        )
     fitting = max((axes[:i] for i in range(len(axes)) if heads % ways(axes[:i]) == 0), key=len)
     what = f"{heads} heads (head_dim {head_dim}) do not divide mesh axes {axes} ({ways(axes)})"
     if not fitting:

@@ -61,3 +61,9 @@ def test_hybrid_mesh_works_like_mesh(devices):
         assert relative_error(gm(image.to(fx_shard.xla_device())), model(image)) <= 1e-5
     assert local_shapes(gm.get_submodule("blocks.0.mlp.fc1").weight) == {(256 // devices, 64)}
     assert gm.meta[SHARDING_KEY].tp_axis == "model"
+
+
+def test_a_model_already_on_the_device_is_refused(mesh):
+    model = models.build("gpt2").to(fx_shard.xla_device())
+    with pytest.raises(fx_shard.FxShardError, match=r"GPT2LMHeadModel.transformer.wte.weight is already on xla:0; fx_shard.shard and transform take a model on the CPU or the meta device .* use fx_shard.shard_model"):
+        fx_shard.shard(model, mesh, PLANS["gpt2"])

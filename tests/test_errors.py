@@ -1,0 +1,66 @@
+"""Bad input: each error names the module, the value found and a way out."""
+
+import sys
+
+import pytest
+import torch
+
+import fx_shard
+from fx_shard import FxShardError, PlanError, models
+from fx_shard.layers import QKVParallelLinear
+from fx_shard.models.plans import PLANS
+from tests.toy import GQAttention, seeded
+
+
+def test_heads_not_divisible_in_an_explicit_plan():
+    model = seeded(GQAttention, dim=48, heads=6, kv_heads=6)  # 6 heads of 8
+    plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+    with pytest.raises(PlanError, match=r"heads \(6\) are not divisible by mesh axes \('tp',\) \(4\) in q_proj \(plan entry 'q_proj'\); use a mesh axis of 1, 2, 3, 6, or replicate this layer in the plan"):
+        fx_shard.transform(model, plan, mesh_shape={"tp": 4}, example_inputs=(torch.randn(2, 5, 48),))
+
+
+def test_auto_replicates_heads_that_do_not_divide_and_says_so():
+    model = seeded(GQAttention, dim=48, heads=6, kv_heads=6)
+    gm = fx_shard.transform(model, "auto", mesh_shape={"tp": 4}, example_inputs=(torch.randn(2, 5, 48),))
+    record = next(n.meta["sharding"] for n in gm.graph.find_nodes(op="call_module") if n.target == "q_proj")
+    assert record.style == "replicate"
+    assert record.notes == ("6 heads (head_dim 8) do not divide mesh axes ('tp',) (4): replicated, so attention needs no collective",)
+
+
+def test_features_not_divisible():
+    with pytest.raises(PlanError, match=r"output features \(6\) of mlp.fc are not divisible by mesh axis 'tp' \(4\); use a mesh axis of 1, 2, 3, or replicate"):
+        fx_shard.ShardPlan({"mlp.fc": "colwise"}).resolve({"mlp.fc": torch.nn.Linear(8, 6)}, {"tp": 4}, "tp")
+
+
+def test_plan_entry_matching_nothing_and_unknown_style():
+    with pytest.raises(PlanError, match=r"plan entries match no linear-like layer: '\*\.q_prj'"):
+        fx_shard.transform(models.build("llama", device="meta"), {"*.q_prj": "colwise"}, mesh_shape={"tp": 2})
+    with pytest.raises(PlanError, match=r"plan entry 'lm_head': unknown style 'vocab_parallel'; styles: colwise, rowwise"):
+        fx_shard.transform(models.build("llama", device="meta"), {"lm_head": "vocab_parallel"}, mesh_shape={"tp": 2})
+
+
+def test_mesh_axis_that_does_not_exist():
+    with pytest.raises(PlanError, match=r"mesh axis 'model' does not exist; the mesh has axes \['tp'\]"):
+        fx_shard.transform(models.build("gpt2", device="meta"), PLANS["gpt2"], mesh_shape={"tp": 2}, tp_axis="model")
+
+
+def test_qkv_class_whose_sizes_do_not_add_up():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = QKVParallelLinear(32, 8, 4, 2)
+            self.qkv.output_sizes = [32, 16, 8]
+
+        def forward(self, x):
+            return self.qkv(x)[0]
+
+    with pytest.raises(PlanError, match=r"qkv \(QKVParallelLinear\): output_sizes \[32, 16, 8\] do not add up to its 64 output features in 3 parts"):
+        fx_shard.transform(Block(), mesh_shape={"tp": 2})
+
+
+def test_torch_xla_missing(monkeypatch):
+    from fx_shard.xla import _torch_xla
+
+    monkeypatch.setitem(sys.modules, "torch_xla", None)
+    with pytest.raises(FxShardError, match=r"materializing on an XLA device needs torch_xla; install it with `pip install torch==2.9.0 torch_xla==2.9.0`"):
+        _torch_xla()
