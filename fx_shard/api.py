@@ -17,6 +17,7 @@ from fx_shard.passes import (
     AttentionToEinsum,
     FitHeadsToMesh,
     InsertShardingConstraints,
+    InterleaveFusedLinear,
     RewireFusedConsumers,
     SplitFusedLinear,
 )
@@ -27,7 +28,9 @@ from fx_shard.plan import LayerPlan, ShardPlan, first_match, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, Axis, ModelSharding, PassDiff, ShardingRecord, axis_size
 from fx_shard.xla import materialize, mesh_shape_of
 
-__all__ = ["shard", "shard_model", "transform"]
+__all__ = ["FUSED_STRATEGIES", "shard", "shard_model", "transform"]
+
+FUSED_STRATEGIES = ("split", "interleave")
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ def transform(
     tp_axis: Axis | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: Mapping | None = None,
+    fused: str = "split",
 ) -> nn.Module:
     """Capture, plan and rewrite ``model`` for a mesh of ``mesh_shape``; no XLA needed.
 
@@ -53,7 +57,13 @@ def transform(
     ``example_inputs`` / ``example_kwargs`` give the passes tensor ranks and
     feature sizes, which some rewrites need (``qkv.split(d, dim=2)`` is a
     split of the last dimension only if the tensor is 3-D).
+
+    ``fused`` chooses how fused QKV / gate_up layers are sharded: ``"split"``
+    into one linear per part, or ``"interleave"``: kept one matmul with rows
+    reordered per device (falls back to split where it cannot keep heads whole).
     """
+    if fused not in FUSED_STRATEGIES:
+        raise PlanError(f"fused={fused!r} is not a strategy; choose one of {', '.join(FUSED_STRATEGIES)}")
     axis = resolve_tp_axis(mesh_shape, tp_axis)
     _check_host_model(model)
     captured = capture_parts(copy.deepcopy(model))
@@ -77,6 +87,7 @@ def transform(
     records = shard_plan.resolve(layers, mesh_shape, axis, inferred, model_plan)
     passes = [
         AnnotateSharding({}),
+        *([InterleaveFusedLinear(mesh_shape)] if fused == "interleave" else []),
         SplitFusedLinear(),
         RewireFusedConsumers(),
         FitHeadsToMesh(mesh_shape),
@@ -201,6 +212,7 @@ def shard(
     tp_axis: Axis | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: Mapping | None = None,
+    fused: str = "split",
 ) -> nn.Module:
     """``transform`` for ``mesh``, then place the result on the XLA device, sharded.
 
@@ -209,7 +221,7 @@ def shard(
     """
     gm = transform(
         model, plan, mesh_shape=mesh_shape_of(mesh), tp_axis=tp_axis,
-        example_inputs=example_inputs, example_kwargs=example_kwargs,
+        example_inputs=example_inputs, example_kwargs=example_kwargs, fused=fused,
     )
     return materialize(gm, mesh)
 

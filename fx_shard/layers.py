@@ -29,6 +29,7 @@ __all__ = [
     "SplitLinear",
     "VocabParallelEmbedding",
     "class_style",
+    "interleave_rows",
 ]
 
 # The seed's rules by layer class name, as fx_shard styles. A class matches
@@ -355,3 +356,41 @@ def _load_fused(module: SplitLinear, state_dict: dict, prefix: str, *args) -> No
             dim = module.dim if field == "weight" else 0
             for name, piece in zip(module.part_names, torch.split(fused, module.output_sizes, dim=dim)):
                 state_dict[f"{prefix}{name}.{field}"] = piece
+
+
+def interleave_rows(module: nn.Module, sizes: Sequence[int], ways: int) -> None:
+    """Reorder a fused layer's output features to ``[P0_0 P1_0 ... | P0_1 P1_1 ... | ...]`` in place.
+
+    Sharded ``ways`` ways on the output features, device ``d`` then holds its
+    share of every part (q, k and v of its heads) in one matmul. ``state_dict``
+    saves and loads the original order.
+    """
+    order = _interleaved_order(sizes, ways)
+    dim = output_dim(module)
+    module.weight = nn.Parameter(module.weight.detach().index_select(dim, order), module.weight.requires_grad)
+    if getattr(module, "bias", None) is not None:
+        module.bias = nn.Parameter(module.bias.detach().index_select(0, order), module.bias.requires_grad)
+    module.interleaved = (tuple(sizes), ways)
+    module._register_state_dict_hook(_save_interleaved)
+    module._register_load_state_dict_pre_hook(_load_interleaved, with_module=True)
+
+
+def _interleaved_order(sizes: Sequence[int], ways: int) -> torch.Tensor:
+    """Original row index of each interleaved row."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    order = [start + d * (size // ways) + j for d in range(ways) for start, size in zip(starts, sizes) for j in range(size // ways)]
+    return torch.tensor(order, dtype=torch.long)
+
+
+def _save_interleaved(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    restore = torch.argsort(_interleaved_order(*module.interleaved))
+    for field, dim in (("weight", output_dim(module)), ("bias", 0)):
+        if state_dict.get(prefix + field) is not None:
+            state_dict[prefix + field] = state_dict[prefix + field].index_select(dim, restore.to(state_dict[prefix + field].device))
+
+
+def _load_interleaved(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    order = _interleaved_order(*module.interleaved)
+    for field, dim in (("weight", output_dim(module)), ("bias", 0)):
+        if state_dict.get(prefix + field) is not None:
+            state_dict[prefix + field] = state_dict[prefix + field].index_select(dim, order.to(state_dict[prefix + field].device))

@@ -14,9 +14,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["batched_matmul", "einsum_attention"]
+__all__ = ["batched_matmul", "einsum_attention", "fused_part"]
 
 _LETTERS = "abcdefgh"
+
+
+def fused_part(y: torch.Tensor, index: int, sizes: tuple[int, ...], ways: int) -> torch.Tensor:
+    """Part ``index`` of a fused output whose features are interleaved per device.
+
+    The layout is ``[P0_0 P1_0 ... | P0_1 P1_1 ... | ...]``: block ``d`` of
+    ``ways`` holds device ``d``'s share of every part, so this view, slice and
+    flatten stay on each device.
+    """
+    block = sum(sizes) // ways
+    start = sum(sizes[:index]) // ways
+    return y.unflatten(-1, (ways, block))[..., start:start + sizes[index] // ways].flatten(-2)
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

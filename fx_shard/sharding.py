@@ -49,7 +49,8 @@ class ShardingRecord:
     ``part_of`` names the fused module a split part came from; ``notes`` are
     what passes want the report to say about this layer; ``output_spec``, when
     set, pins the sharding of the layer's output (trailing dims; ``()``
-    replicated).
+    replicated). ``interleaved`` marks a fused layer kept fused, its rows
+    reordered so each device's block holds its own share of every part.
     """
 
     style: str
@@ -59,6 +60,7 @@ class ShardingRecord:
     part_of: str | None = None
     notes: tuple[str, ...] = ()
     output_spec: Spec | None = None
+    interleaved: bool = False
 
 
 @dataclass(frozen=True)

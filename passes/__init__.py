@@ -4,6 +4,7 @@ from fx_shard.passes.annotate_sharding import AnnotateSharding
 from fx_shard.passes.attention_to_einsum import AttentionToEinsum
 from fx_shard.passes.fit_heads_to_mesh import FitHeadsToMesh
 from fx_shard.passes.insert_sharding_constraints import InsertShardingConstraints
+from fx_shard.passes.interleave_fused_linear import InterleaveFusedLinear
 from fx_shard.passes.rewire_fused_consumers import RewireFusedConsumers
 from fx_shard.passes.split_fused_linear import SplitFusedLinear
 
@@ -12,6 +13,7 @@ __all__ = [
     "AttentionToEinsum",
     "FitHeadsToMesh",
     "InsertShardingConstraints",
+    "InterleaveFusedLinear",
     "RewireFusedConsumers",
     "SplitFusedLinear",
 ]

@@ -10,6 +10,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fx_shard.layers import SplitLinear
+from fx_shard.ops import fused_part
 from fx_shard.patterns import CHUNK, PERMUTE, RESHAPE, SPLIT, UNBIND, op_of, parts_axis, rank, shape_args, split_sections, static_int
 from fx_shard.passes.utils import erase_if_dead, provenance, result
 from fx_shard.sharding import SHARDING_KEY, sharding_of
@@ -51,13 +52,19 @@ class RewireFusedConsumers(PassBase):
                 continue
             kept = ", ".join(u.format_node() for u in cat.users)
             note = f"the concatenation of the parts stays: consumer not recognised ({kept})"
-            for part in parts:
-                module_node = part if part.op == "call_module" else part.args[0]
+            for module_node in dict.fromkeys(map(_layer_node, parts)):
                 record = sharding_of(module_node)
                 if note not in record.notes:
                     module_node.meta[SHARDING_KEY] = dataclasses.replace(record, notes=(*record.notes, note))
                     modified = True
         return result(graph_module, modified)
+
+
+def _layer_node(part: fx.Node) -> fx.Node:
+    """The ``call_module`` node a part output comes from (through ``[0]`` and ``fused_part``)."""
+    while part.op != "call_module":
+        part = part.args[0]
+    return part
 
 
 def _fused_join(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node], list[int]] | None:
@@ -66,6 +73,10 @@ def _fused_join(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node], list[i
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)) or dim != -1:
         return None
+    if all(t.op == "call_function" and t.target is fused_part for t in tensors):
+        sources = {t.args[0] for t in tensors}
+        sizes = list(tensors[0].args[2])
+        return (list(tensors), sizes) if len(sources) == 1 and [t.args[1] for t in tensors] == list(range(len(sizes))) else None
     owners = []
     for t in tensors:
         module_node = t.args[0] if t.target is operator.getitem and t.args[1] == 0 else t

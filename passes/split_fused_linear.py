@@ -27,7 +27,7 @@ def part_names(record: ShardingRecord) -> tuple[str, ...]:
 
 def _is_fused(node: fx.Node) -> bool:
     record = sharding_of(node)
-    return node.op == "call_module" and record is not None and record.style in _FUSED_STYLES
+    return node.op == "call_module" and record is not None and record.style in _FUSED_STYLES and not record.interleaved
 
 
 class SplitFusedLinear(PassBase):

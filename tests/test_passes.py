@@ -1,5 +1,6 @@
 """Each pass: eager reference, rewrite, numerics, exact structure, lint, idempotence, no-match."""
 
+import copy
 import operator
 
 import pytest
@@ -16,6 +17,7 @@ from fx_shard.passes import (
     AttentionToEinsum,
     FitHeadsToMesh,
     InsertShardingConstraints,
+    InterleaveFusedLinear,
     RewireFusedConsumers,
     SplitFusedLinear,
 )
@@ -302,3 +304,40 @@ def test_split_conv1d_fused_qkv_keeps_function_and_checkpoint_layout():
     torch.testing.assert_close(gm(x), model(x))
     assert {k: v.shape for k, v in gm.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     torch.testing.assert_close(gm.state_dict()["c_attn.weight"], model.c_attn.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit", "llama-vllm"])
+def test_interleave_keeps_fused_layers_one_matmul(name):
+    from fx_shard import models
+    from fx_shard.models.plans import PLANS
+    from fx_shard.ops import fused_part
+
+    model, inputs = models.build(name), models.example_inputs(name)
+    gm = capture(copy.deepcopy(model))
+    from fx_shard.capture import propagate_shapes
+
+    propagate_shapes(gm, inputs)
+    AnnotateSharding(ShardPlan(PLANS[name]).resolve(linear_like_modules(gm), {"tp": 4}, "tp"))(gm)
+    assert InterleaveFusedLinear({"tp": 4})(gm).modified
+    gm.graph.lint()
+    torch.testing.assert_close(gm(*inputs), model(*inputs))
+    records = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module") if sharding_of(n)}
+    interleaved = sorted(t for t, r in records.items() if r.interleaved)
+    # vLLM's QKV has 2 KV heads: 4 devices would cut them, so it is left for the split; gate_up is interleaved.
+    expected = {"gpt2": ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"],
+                "vit": ["blocks.0.attn.qkv", "blocks.1.attn.qkv"],
+                "llama-vllm": ["model.layers.0.mlp.gate_up_proj", "model.layers.1.mlp.gate_up_proj"]}[name]
+    assert interleaved == expected
+    assert all(r.notes[-1] == "kept fused: rows interleaved for 4 devices" for t, r in records.items() if r.interleaved)
+    code = gm.code
+    assert not InterleaveFusedLinear({"tp": 4})(gm).modified and gm.code == code
+    # Split skips interleaved layers; rewiring then removes every join of parts.
+    SplitFusedLinear()(gm)
+    RewireFusedConsumers()(gm)
+    assert not [c for c in gm.graph.find_nodes(op="call_function", target=torch.cat)
+                if all(a.op == "call_function" and a.target is fused_part for a in c.args[0])]
+    torch.testing.assert_close(gm(*inputs), model(*inputs))
+    expected_sd = model.state_dict()
+    assert list(gm.state_dict()) == list(expected_sd)
+    for key, value in gm.state_dict().items():
+        torch.testing.assert_close(value, expected_sd[key], rtol=0, atol=0)

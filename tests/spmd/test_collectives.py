@@ -114,3 +114,12 @@ def test_collectives_of_a_program_compiled_before(mesh):
         gm(*(t.to(fx_shard.xla_device()) for t in inputs)).cpu()
     assert dict(collectives(gm, *inputs)) == {"all-reduce": 9, **ZERO}
     assert dict(collectives(gm, *inputs)) == {"all-reduce": 9, **ZERO}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit", "llama-vllm"])
+def test_fused_layers_kept_fused_reach_the_optimum_too(name, mesh):
+    model, inputs = models.build(name), models.example_inputs(name)
+    gm = fx_shard.shard(model, mesh, PLANS[name], example_inputs=inputs, fused="interleave")
+    assert dict(collectives(gm, *inputs)) == {"all-reduce": expected_all_reduces(name, 2), **ZERO}
+    with torch.no_grad():
+        assert relative_error(gm(*(t.to(fx_shard.xla_device()) for t in inputs)), model(*inputs)) <= 1e-5
