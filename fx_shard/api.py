@@ -18,6 +18,7 @@ from fx_shard.passes import (
     FitHeadsToMesh,
     InsertShardingConstraints,
     InterleaveFusedLinear,
+    KeepGroupedFused,
     RewireFusedConsumers,
     SplitFusedLinear,
 )
@@ -87,6 +88,7 @@ def transform(
     records = shard_plan.resolve(layers, mesh_shape, axis, inferred, model_plan)
     passes = [
         AnnotateSharding({}),
+        KeepGroupedFused(mesh_shape),
         *([InterleaveFusedLinear(mesh_shape)] if fused == "interleave" else []),
         SplitFusedLinear(),
         RewireFusedConsumers(),

@@ -21,6 +21,7 @@ __all__ = [
     "Axis",
     "axis_names",
     "axis_size",
+    "fitting_axes",
     "ModelSharding",
     "PassDiff",
     "ShardingRecord",
@@ -107,6 +108,11 @@ def axis_names(axis: Axis | None) -> tuple[str, ...]:
 def axis_size(mesh_shape: Mapping[str, int], axis: Axis | None) -> int:
     """How many ways a spec entry splits a dimension."""
     return math.prod(mesh_shape[a] for a in axis_names(axis))
+
+
+def fitting_axes(axes: tuple[str, ...], count: int, mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
+    """The longest prefix of ``axes`` whose devices divide ``count`` (heads, KV groups); ``()`` if none."""
+    return max((axes[:i] for i in range(len(axes) + 1) if count % axis_size(mesh_shape, axes[:i] or None) == 0), key=len)
 
 
 def local_shape(shape: torch.Size | tuple[int, ...], spec: Spec | None, mesh_shape: Mapping[str, int]) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ from fx_shard.passes.attention_to_einsum import AttentionToEinsum
 from fx_shard.passes.fit_heads_to_mesh import FitHeadsToMesh
 from fx_shard.passes.insert_sharding_constraints import InsertShardingConstraints
 from fx_shard.passes.interleave_fused_linear import InterleaveFusedLinear
+from fx_shard.passes.keep_grouped_fused import KeepGroupedFused
 from fx_shard.passes.rewire_fused_consumers import RewireFusedConsumers
 from fx_shard.passes.split_fused_linear import SplitFusedLinear
 
@@ -14,6 +15,7 @@ __all__ = [
     "FitHeadsToMesh",
     "InsertShardingConstraints",
     "InterleaveFusedLinear",
+    "KeepGroupedFused",
     "RewireFusedConsumers",
     "SplitFusedLinear",
 ]

@@ -13,7 +13,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fx_shard.errors import PlanError
 from fx_shard.layers import out_features
 from fx_shard.passes.utils import result
-from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, sharding_of
+from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, fitting_axes, sharding_of
 
 __all__ = ["FitHeadsToMesh", "fit_to_heads", "head_dim_of"]
 
@@ -74,7 +74,7 @@ def fit_to_heads(
             f"heads ({heads}) are not divisible by mesh axes {axes} ({ways(axes)}) in {where} ({record.source}); "
             f"use a mesh axis of {divisors}, or replicate this layer in the plan"
         )
-    fitting = max((axes[:i] for i in range(len(axes)) if heads % ways(axes[:i]) == 0), key=len)
+    fitting = fitting_axes(axes, heads, mesh_shape)
     what = f"{heads} heads (head_dim {head_dim}) do not divide mesh axes {axes} ({ways(axes)})"
     if not fitting:
         note = f"{what}: replicated, so attention needs no collective"

@@ -18,12 +18,13 @@ from fx_shard.passes import (
     FitHeadsToMesh,
     InsertShardingConstraints,
     InterleaveFusedLinear,
+    KeepGroupedFused,
     RewireFusedConsumers,
     SplitFusedLinear,
 )
 from fx_shard.plan import ShardPlan
 from fx_shard.sharding import SHARDING_KEY, sharding_of
-from tests.toy import FusedAttention, GQAttention, HeadsAttention, VllmBlock, seeded
+from tests.toy import FusedAttention, GQAttention, GroupedQKV, HeadsAttention, VllmBlock, seeded
 
 
 def annotated(model: nn.Module, plan=None) -> fx.GraphModule:
@@ -341,3 +342,28 @@ def test_interleave_keeps_fused_layers_one_matmul(name):
     assert list(gm.state_dict()) == list(expected_sd)
     for key, value in gm.state_dict().items():
         torch.testing.assert_close(value, expected_sd[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("tp", "style"), [(2, "qkv"), (4, "replicate")])
+def test_keep_grouped_fused_qkv(tp, style):
+    model, x = seeded(GroupedQKV), torch.randn(2, 5, 64)
+    gm = capture(copy.deepcopy(model))
+    from fx_shard.capture import propagate_shapes
+
+    propagate_shapes(gm, (x,))
+    plan = {"qkv": {"style": "qkv", "num_heads": 8, "num_kv_heads": 2}, "dense": "rowwise"}
+    AnnotateSharding(ShardPlan(plan).resolve(linear_like_modules(gm), {"tp": tp}, "tp"))(gm)
+    code = gm.code
+    assert KeepGroupedFused({"tp": tp})(gm).modified
+    assert gm.code == code  # records only: the graph keeps its own layout
+    record = sharding_of(next(n for n in gm.graph.find_nodes(op="call_module") if n.target == "qkv"))
+    assert record.style == style
+    # Split leaves the layer alone either way; the function is unchanged.
+    assert not SplitFusedLinear()(gm).modified
+    torch.testing.assert_close(gm(x), model(x))
+    assert not KeepGroupedFused({"tp": tp})(gm).modified
+
+
+def test_keep_grouped_fused_ignores_contiguous_layouts():
+    gm = annotated(seeded(FusedAttention), {"qkv": "qkv", "proj": "rowwise"})
+    assert not KeepGroupedFused({"tp": 4})(gm).modified

@@ -112,3 +112,22 @@ class GQAttention(nn.Module):
         v = v[:, :, None].expand(B, kv_heads, self.groups, N, self.hd).reshape(B, -1, N, self.hd)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class GroupedQKV(nn.Module):
+    """Falcon-style fused QKV laid out per KV group: ``view(B, N, KV, G + 2, hd)``, then split on the group dim."""
+
+    def __init__(self, dim: int = 64, heads: int = 8, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.hd, self.kv, self.g = dim // heads, kv_heads, heads // kv_heads
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.hd, bias=False)
+        self.dense = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, self.kv, self.g + 2, self.hd)
+        q = qkv[:, :, :, : self.g].reshape(B, N, -1, self.hd).transpose(1, 2)
+        k = qkv[:, :, :, self.g].transpose(1, 2)
+        v = qkv[:, :, :, self.g + 1].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.dense(out.transpose(1, 2).reshape(B, N, C))
