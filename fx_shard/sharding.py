@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -29,6 +29,7 @@ __all__ = [
     "layer_parameters",
     "local_shape",
     "model_sharding",
+    "narrowed",
     "sharding_of",
 ]
 
@@ -113,6 +114,15 @@ def axis_size(mesh_shape: Mapping[str, int], axis: Axis | None) -> int:
 def fitting_axes(axes: tuple[str, ...], count: int, mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
     """The longest prefix of ``axes`` whose devices divide ``count`` (heads, KV groups); ``()`` if none."""
     return max((axes[:i] for i in range(len(axes) + 1) if count % axis_size(mesh_shape, axes[:i] or None) == 0), key=len)
+
+
+def narrowed(record: ShardingRecord, axes: tuple[str, ...], note: str, **changes) -> ShardingRecord:
+    """``record`` sharded over ``axes`` instead (replicated when empty), with ``note`` added."""
+    if not axes:
+        return replace(record, style="replicate", specs={}, notes=(*record.notes, note), **changes)
+    axis = axes[0] if len(axes) == 1 else axes
+    specs = {name: tuple(axis if a is not None else None for a in spec) for name, spec in record.specs.items()}
+    return replace(record, specs=specs, notes=(*record.notes, note), **changes)
 
 
 def local_shape(shape: torch.Size | tuple[int, ...], spec: Spec | None, mesh_shape: Mapping[str, int]) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from torch import fx
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.sharding import layer_parameters, model_sharding
 
-__all__ = ["hlo_dump_dir", "init_runtime", "param_specs", "make_mesh", "materialize", "mesh_shape_of", "xla_device"]
+__all__ = ["hlo_dump_dir", "init_runtime", "param_specs", "make_mesh", "to_device_keeping_ties", "materialize", "mesh_shape_of", "xla_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
     from fx_shard.constraint import ShardingConstraint
 
     xs = _torch_xla().distributed.spmd
-    _move_keeping_ties(gm, xla_device())
+    to_device_keeping_ties(gm, xla_device())
     for param, spec, owner in param_specs(gm).values():
         xs.mark_sharding(param, mesh, spec)
         logger.debug("%s: %s", owner, spec)
@@ -150,8 +150,12 @@ def _constrain_first(constraint, output):
     return constraint(output)
 
 
-def _move_keeping_ties(module: torch.nn.Module, device: torch.device) -> None:
-    # Module.to() makes a new Parameter per owner for XLA, so a tied weight would become two copies.
+def to_device_keeping_ties(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module.to(device)``, except that a Parameter shared by several layers stays one tensor.
+
+    ``Module.to`` makes a new Parameter per owner when moving to XLA, which
+    would double tied embeddings (and train them as two tensors).
+    """
     moved: dict[int, torch.Tensor] = {}
     for sub in module.modules():
         for table in (sub._parameters, sub._buffers):
@@ -163,6 +167,7 @@ def _move_keeping_ties(module: torch.nn.Module, device: torch.device) -> None:
                     is_param = isinstance(tensor, torch.nn.Parameter)
                     moved[id(tensor)] = torch.nn.Parameter(data, tensor.requires_grad) if is_param else data
                 table[name] = moved[id(tensor)]
+    return module
 
 
 def param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple, str]]:

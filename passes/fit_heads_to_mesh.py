@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 from collections.abc import Mapping
@@ -13,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fx_shard.errors import PlanError
 from fx_shard.layers import out_features
 from fx_shard.passes.utils import result
-from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, fitting_axes, sharding_of
+from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, fitting_axes, narrowed, sharding_of
 
 __all__ = ["FitHeadsToMesh", "fit_to_heads", "head_dim_of"]
 
@@ -77,12 +76,8 @@ def fit_to_heads(
     fitting = fitting_axes(axes, heads, mesh_shape)
     what = f"{heads} heads (head_dim {head_dim}) do not divide mesh axes {axes} ({ways(axes)})"
     if not fitting:
-        note = f"{what}: replicated, so attention needs no collective"
-        return dataclasses.replace(record, style="replicate", specs={}, notes=(*record.notes, note))
-    axis = fitting[0] if len(fitting) == 1 else fitting
-    specs = {name: tuple(axis if a is not None else None for a in spec) for name, spec in record.specs.items()}
-    note = f"{what}: sharded over {fitting} ({ways(fitting)}) only, so attention needs no collective"
-    return dataclasses.replace(record, specs=specs, notes=(*record.notes, note))
+        return narrowed(record, (), f"{what}: replicated, so attention needs no collective")
+    return narrowed(record, fitting, f"{what}: sharded over {fitting} ({ways(fitting)}) only, so attention needs no collective")
 
 
 def head_dim_of(node: fx.Node, features: int) -> int | None:

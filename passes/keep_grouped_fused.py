@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 from collections.abc import Mapping
@@ -13,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fx_shard.layers import output_dim
 from fx_shard.patterns import RESHAPE, op_of, shape_args, static_int
 from fx_shard.passes.utils import result
-from fx_shard.sharding import SHARDING_KEY, axis_names, fitting_axes, sharding_of
+from fx_shard.sharding import SHARDING_KEY, axis_names, fitting_axes, narrowed, sharding_of
 
 __all__ = ["KeepGroupedFused"]
 
@@ -49,14 +48,12 @@ class KeepGroupedFused(PassBase):
             axes = axis_names(record.specs["weight"][output_dim(module)])
             fitting = fitting_axes(axes, groups, self.mesh_shape)
             if fitting:
-                axis = fitting[0] if len(fitting) == 1 else fitting
-                specs = {n: tuple(axis if a is not None else None for a in s) for n, s in record.specs.items()}
                 note = f"q/k/v laid out per KV group ({groups} groups): kept fused, whole groups sharded over {fitting}"
-                node.meta[SHARDING_KEY] = dataclasses.replace(record, specs=specs, interleaved=True, notes=(*record.notes, note))
+                node.meta[SHARDING_KEY] = narrowed(record, fitting, note, interleaved=True)
             else:
                 note = (f"q/k/v laid out per KV group: {groups} groups do not split over {axes}, replicated "
                         "(a mesh with a kv axis, make_mesh(kv=...), keeps them sharded)")
-                node.meta[SHARDING_KEY] = dataclasses.replace(record, style="replicate", specs={}, notes=(*record.notes, note))
+                node.meta[SHARDING_KEY] = narrowed(record, (), note)
             modified = True
         return result(graph_module, modified)
 

@@ -32,7 +32,7 @@ def test_transform_keeps_function_and_state_dict(name):
     assert not any(isinstance(m, SplitLinear) for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
-    passes = ("AnnotateSharding", "SplitFusedLinear", "RewireFusedConsumers", "FitHeadsToMesh", "AttentionToEinsum",
+    passes = ("AnnotateSharding", "KeepGroupedFused", "SplitFusedLinear", "RewireFusedConsumers", "FitHeadsToMesh", "AttentionToEinsum",
               "InsertShardingConstraints")
     summary = gm.meta[SHARDING_KEY]
     assert (summary.mesh_shape, summary.tp_axis, summary.passes, summary.layers, summary.opaque) == ({"tp": 4}, "tp", passes, {}, {})
