@@ -62,7 +62,7 @@ def hf_plan(model: nn.Module) -> dict[str, tuple[LayerPlan, str]]:
             logger.info("Hugging Face plan entry %r: style %r has no fx_shard equivalent; replicated", pattern, style)
             layer = LayerPlan("replicate")
         if style == "colwise_gather_output" and pattern.rsplit(".", 1)[-1] == "lm_head":
-            layer = LayerPlan("lm_head")
+            layer, style = LayerPlan("lm_head"), f"{style}; fx_shard keeps the logits vocabulary-sharded"
         mapped[pattern] = (layer, style)
     return mapped
 
