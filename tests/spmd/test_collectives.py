@@ -138,3 +138,14 @@ def test_qkv_laid_out_per_kv_group_needs_no_collective(mesh, devices):
         assert qkv.style == "replicate" and "groups do not split" in qkv.notes[-1]
     with torch.no_grad():
         assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
+
+
+def test_auto_plan_on_a_model_with_unusual_names(mesh):
+    from tests.test_infer import OddNames
+
+    torch.manual_seed(0)
+    model, x = OddNames(dim=64, heads=8).eval(), torch.randn(2, 5, 64)
+    gm = fx_shard.shard(model, mesh, "auto", example_inputs=(x,))
+    assert dict(collectives(gm, x)) == {"all-reduce": 2, **ZERO}  # one block: attention and MLP
+    with torch.no_grad():
+        assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
