@@ -116,9 +116,7 @@ class ShardingBackend:
         return lookup_backend("openxla")(compiled, example_inputs)
 
     def _materialize(self, gm: fx.GraphModule, root: nn.Module) -> None:
-        """Give split parts device data of their own, then shard every recorded parameter in place."""
-        from fx_shard.constraint import ShardingConstraint
-
+        """Give split parts device data of their own, shard every recorded parameter in place, pin outputs."""
         torch_xla = _torch_xla()
         xs = torch_xla.distributed.spmd
         fresh = []
@@ -140,9 +138,34 @@ class ShardingBackend:
         for param, spec, owner in param_specs(gm).values():
             xs.mark_sharding(param, self.mesh, spec)
             logger.debug("%s: %s", owner, spec)
-        for module in gm.modules():
-            if isinstance(module, ShardingConstraint):
-                module.mesh = self.mesh
+        _constraints_as_xla_ops(gm, self.mesh)
+
+
+def _constraints_as_xla_ops(gm: fx.GraphModule, mesh) -> None:
+    """Each ``ShardingConstraint`` call as torch_xla's ``aot_mark_sharding`` op, which aot_autograd can trace.
+
+    The module calls ``xs.mark_sharding``, which needs a real XLA tensor and
+    fails on the fake tensors aot_autograd traces with.
+    """
+    from fx_shard.constraint import ShardingConstraint
+
+    _torch_xla()  # registers torch.ops.xla
+    graph = gm.graph
+    for node in list(graph.find_nodes(op="call_module")):
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, ShardingConstraint):
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            raise FxShardError(f"{node.target}: the rank of the constrained output is unknown; cannot pin its sharding")
+        spec = (None,) * (len(meta.shape) - len(module.spec)) + module.spec
+        with graph.inserting_before(node):
+            marked = graph.call_function(torch.ops.xla.aot_mark_sharding.default, (node.args[0], str(mesh), str(spec)))
+        marked.meta.update(node.meta)
+        node.replace_all_uses_with(marked)
+        graph.erase_node(node)
+        gm.delete_submodule(node.target)
+    gm.recompile()
 
 
 def transform_captured(

@@ -162,3 +162,43 @@ def test_backend_on_hugging_face_llama(mesh, devices):
                                                                           generator=torch.Generator().manual_seed(s))}
              for s in range(1, STEPS + 1)]
     steps_compile_nothing(compiled, model, steps, logits=lambda out: out.logits)
+
+
+def test_backend_gathers_logits_when_asked(mesh):
+    import torch_xla
+
+    model, inputs = models.build("llama"), models.example_inputs("llama", batch=6)
+    plan = {**PLANS["llama"], "lm_head": {"style": "lm_head", "gather_output": True}}
+    eager = dict(collectives(fx_shard.shard(model, mesh, plan, example_inputs=inputs), *inputs))
+    compiled = torch.compile(copy.deepcopy(model).to(fx_shard.xla_device()), backend=backend(mesh, plan))
+    output, counts = first_call(compiled, *inputs)
+    assert counts == eager == {"all-reduce": 5, **ZERO, "all-gather": 1}
+    assert torch_xla._XLAC._get_xla_sharding_spec(output) == "{replicated}"
+    with torch.no_grad():
+        assert relative_error(output, model(*inputs)) <= 1e-5
+
+
+def test_backend_on_a_kv_mesh(devices):
+    mesh = fx_shard.make_mesh(kv=2)
+    model, inputs = models.build("llama-vllm"), models.example_inputs("llama-vllm", batch=5)
+    eager = dict(collectives(fx_shard.shard(model, mesh, PLANS["llama-vllm"], example_inputs=inputs), *inputs))
+    shard_backend = backend(mesh, PLANS["llama-vllm"])
+    compiled = torch.compile(copy.deepcopy(model).to(fx_shard.xla_device()), backend=shard_backend)
+    output, counts = first_call(compiled, *inputs)
+    assert counts == eager == {"all-reduce": 5, **ZERO}
+    with torch.no_grad():
+        assert relative_error(output, model(*inputs)) <= 1e-5
+    k = next(n.meta[SHARDING_KEY] for n in shard_backend.graphs[0].graph.find_nodes(op="call_module") if n.target.endswith("qkv_proj.k"))
+    assert k.specs["weight"] == (("kv", None) if devices > 2 else (("kv", "tp"), None))
+
+
+def test_backend_recompiles_for_new_shapes_reusing_the_split_parts(mesh):
+    model = models.build("llama-vllm")
+    shard_backend = backend(mesh, PLANS["llama-vllm"])
+    compiled = torch.compile(copy.deepcopy(model).to(fx_shard.xla_device()), backend=shard_backend, dynamic=False)
+    for seq_len in (16, 8):
+        inputs = models.example_inputs("llama-vllm", batch=7, seq_len=seq_len)
+        with torch.no_grad():
+            assert relative_error(compiled(*map(on_device, inputs)), model(*inputs)) <= 1e-5
+    first, second = shard_backend.graphs
+    assert [id(p) for p in first.parameters()] == [id(p) for p in second.parameters()]
