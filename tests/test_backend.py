@@ -189,3 +189,26 @@ def test_transform_captured_needs_a_graph_from_dynamo():
     gm = torch.fx.symbolic_trace(NoLayers())
     with pytest.raises(FxShardError, match="reads no module parameters"):
         transform_captured(gm, (torch.randn(2, 16),), "auto", mesh_shape=MESH)
+
+
+class Broken(Block):
+    def forward(self, x):
+        h = F.gelu(self.up(x))
+        torch._dynamo.graph_break()
+        return self.norm(x + self.down(h))
+
+
+def test_each_graph_of_a_graph_break_gets_the_plan_entries_for_its_layers():
+    model, x = Broken(), torch.randn(2, 5, 16)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(transform_captured(gm, example_inputs, {"up": "colwise", "down": "rowwise"}, mesh_shape=MESH))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+    torch.testing.assert_close(out, model(x))
+    assert [records(gm) for gm in graphs] == [{"up": ("colwise", {"weight": ("tp", None), "bias": ("tp",)})},
+                                              {"down": ("rowwise", {"weight": (None, "tp")})}]
