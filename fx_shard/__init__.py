@@ -5,6 +5,7 @@ Importing fx_shard does not start the XLA runtime; ``make_mesh``,
 """
 
 from fx_shard.api import shard, shard_model, transform
+from fx_shard.backend import backend
 from fx_shard.checkpoint import load_sharded
 from fx_shard.collectives import Collectives, collectives
 from fx_shard.errors import CaptureError, FxShardError, PlanError
@@ -18,6 +19,7 @@ __all__ = [
     "SHARDING_KEY",
     "CaptureError",
     "Collectives",
+    "backend",
     "FxShardError",
     "LayerPlan",
     "ModelSharding",

@@ -12,9 +12,8 @@ transformers 5.x) with the graph rewrites ``fx_shard.shard`` applies:
 2. ``fx_shard.transform``'s plan and passes run on that graph unchanged
    (``ShardPlan.resolve`` with the model's Hugging Face plan and
    ``infer_plan`` for ``"auto"``, then ``AnnotateSharding`` ...
-   ``InsertShardingConstraints``), and ``KeepEinsumsWhole`` makes the
-   einsum attention opaque to aot_autograd, which would otherwise decompose
-   it into ``bmm`` over merged batch*heads and cost all-gathers;
+   ``InsertShardingConstraints``); the einsum attention reaches
+   aot_autograd as ``fx_shard::einsum`` custom ops, which it keeps whole;
 3. each recorded parameter is sharded (``xs.mark_sharding``) and the graph
    goes to torch_xla's ``openxla`` backend.
 
@@ -34,7 +33,6 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from types import MappingProxyType
 
 import torch
 from torch import fx, nn
@@ -47,7 +45,6 @@ from fx_shard.errors import CaptureError, FxShardError
 from fx_shard.hf import hf_plan
 from fx_shard.infer import infer_plan
 from fx_shard.layers import SplitLinear
-from fx_shard.ops import batched_matmul, einsum_attention
 from fx_shard.passes import (
     AnnotateSharding,
     AttentionToEinsum,
@@ -63,7 +60,6 @@ from fx_shard.xla import _torch_xla, mesh_shape_of, param_specs
 
 __all__ = [
     "InlinedLayersToModules",
-    "KeepEinsumsWhole",
     "ShardingBackend",
     "backend",
     "traced_root",
@@ -209,7 +205,6 @@ def transform_captured(
         FitHeadsToMesh(mesh_shape),
         AttentionToEinsum(),
         InsertShardingConstraints(),
-        KeepEinsumsWhole(),
     ]
     diff = []
     for p in passes:
@@ -303,61 +298,6 @@ class InlinedLayersToModules(PassBase):
         for node in reversed(nodes):
             graph.erase_node(node)
         return True
-
-
-@torch.library.custom_op("fx_shard::einsum_attention", mutates_args=())
-def _einsum_attention_op(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    return einsum_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
-@_einsum_attention_op.register_fake
-def _(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return einsum_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
-@torch.library.custom_op("fx_shard::batched_matmul", mutates_args=())
-def _batched_matmul_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return batched_matmul(a, b)
-
-
-@_batched_matmul_op.register_fake
-def _(a, b):
-    return batched_matmul(a, b)
-
-
-class KeepEinsumsWhole(PassBase):
-    """Call ``fx_shard.ops``' einsum forms through custom ops, which aot_autograd does not decompose.
-
-    openxla traces the graph with aot_autograd, which decomposes ``einsum``
-    into ``bmm`` over merged batch*heads: the lowering that loses a heads
-    sharding (measured: 2 all-gathers per Llama forward on 4 devices). A
-    custom op is one node to that trace; torch_xla runs its body, lowering
-    the einsums with batch dims kept. Same values (the body is the function).
-
-    Reads and writes: ``call_function`` targets only.
-    """
-
-    OPS = MappingProxyType({
-        einsum_attention: torch.ops.fx_shard.einsum_attention.default,
-        batched_matmul: torch.ops.fx_shard.batched_matmul.default,
-    })
-
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        modified = False
-        for node in graph_module.graph.nodes:
-            if node.op == "call_function" and node.target in self.OPS:
-                node.target = self.OPS[node.target]
-                modified = True
-        return result(graph_module, modified)
 
 
 def traced_root(gm: fx.GraphModule) -> nn.Module:

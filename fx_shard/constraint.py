@@ -22,13 +22,21 @@ class ShardingConstraint(nn.Module):
         super().__init__()
         self.spec = tuple(spec)
         self.mesh = None
+        self.mesh_text = ""
+
+    def place(self, mesh) -> None:
+        """Give the constraint its mesh (``materialize`` does), and the mesh's text for traced calls."""
+        self.mesh, self.mesh_text = mesh, str(mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mesh is None or x.device.type != "xla":
             return x
+        spec = (None,) * (x.dim() - len(self.spec)) + self.spec
+        if torch.compiler.is_compiling():  # traced: torch_xla's op form, which dynamo and aot_autograd keep
+            return torch.ops.xla.aot_mark_sharding(x, self.mesh_text, str(spec))
         import torch_xla.distributed.spmd as xs
 
-        xs.mark_sharding(x, self.mesh, (None,) * (x.dim() - len(self.spec)) + self.spec)
+        xs.mark_sharding(x, self.mesh, spec)
         return x
 
     def extra_repr(self) -> str:

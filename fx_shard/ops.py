@@ -14,9 +14,44 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["batched_matmul", "einsum_attention", "fused_part"]
+__all__ = ["batched_matmul", "einsum", "einsum_attention", "fused_part"]
 
 _LETTERS = "abcdefgh"
+
+
+@torch.library.custom_op("fx_shard::einsum", mutates_args=())
+def einsum(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.einsum`` of two operands as one op that tracers keep whole.
+
+    ``torch.compile(..., backend="openxla")`` traces with aot_autograd, which
+    would decompose ``torch.einsum`` into ``bmm`` over merged batch*heads (the
+    lowering that loses a heads sharding); a custom op reaches torch_xla as
+    is, and its body lowers the einsum with batch dims kept.
+    """
+    return torch.einsum(equation, a, b)
+
+
+@einsum.register_fake
+def _(equation, a, b):
+    return torch.einsum(equation, a, b)
+
+
+def _einsum_setup(ctx, inputs, output):
+    ctx.equation, a, b = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _einsum_backward(ctx, grad):
+    # "A,B->O": every index of A appears in B or O (and of B in A or O) for the equations used here.
+    a, b = ctx.saved_tensors
+    operands, out = ctx.equation.split("->")
+    sub_a, sub_b = operands.split(",")
+    grad_a = einsum(f"{out},{sub_b}->{sub_a}", grad, b) if ctx.needs_input_grad[1] else None
+    grad_b = einsum(f"{sub_a},{out}->{sub_b}", a, grad) if ctx.needs_input_grad[2] else None
+    return None, grad_a, grad_b
+
+
+einsum.register_autograd(_einsum_backward, setup_context=_einsum_setup)
 
 
 def fused_part(y: torch.Tensor, index: int, sizes: tuple[int, ...], ways: int) -> torch.Tensor:
@@ -36,7 +71,7 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dim() != b.dim() or a.dim() < 4:
         return torch.matmul(a, b)
     batch = _LETTERS[: a.dim() - 2]
-    return torch.einsum(f"{batch}ij,{batch}jk->{batch}ik", a, b)
+    return einsum(f"{batch}ij,{batch}jk->{batch}ik", a, b)
 
 
 def einsum_attention(
@@ -61,9 +96,9 @@ def einsum_attention(
     grouped = enable_gqa and kv_heads != heads
     if grouped:
         query = query.reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim)
-        scores = torch.einsum("bgrqd,bgkd->bgrqk", query, key)
+        scores = einsum("bgrqd,bgkd->bgrqk", query, key)
     else:
-        scores = torch.einsum("bhqd,bhkd->bhqk", query, key)
+        scores = einsum("bhqd,bhkd->bhqk", query, key)
     scores = scores * scale
     if is_causal:
         keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
@@ -82,6 +117,6 @@ def einsum_attention(
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     if grouped:
-        out = torch.einsum("bgrqk,bgkd->bgrqd", probs, value)
+        out = einsum("bgrqk,bgkd->bgrqd", probs, value)
         return out.reshape(batch, heads, q_len, head_dim)
-    return torch.einsum("bhqk,bhkd->bhqd", probs, value)
+    return einsum("bhqk,bhkd->bhqd", probs, value)

@@ -135,11 +135,11 @@ def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
         logger.debug("%s: %s", owner, spec)
     for module in gm.modules():
         if isinstance(module, ShardingConstraint):
-            module.mesh = mesh
+            module.place(mesh)
     for path, record in model_sharding(gm).layers.items():  # layers outside graphs: a hook, not a node
         if record.output_spec is not None:
             constraint = ShardingConstraint(record.output_spec)
-            constraint.mesh = mesh
+            constraint.place(mesh)
             gm.get_submodule(path).register_forward_hook(lambda module, args, out, c=constraint: _constrain_first(c, out))
     return gm
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import fx_shard
 from fx_shard import models
-from fx_shard.backend import InlinedLayersToModules, KeepEinsumsWhole, ShardingBackend, transform_captured
+from fx_shard.backend import InlinedLayersToModules, ShardingBackend, transform_captured
 from fx_shard.errors import FxShardError
 from fx_shard.models.plans import PLANS
 from fx_shard.ops import batched_matmul, einsum_attention
@@ -58,10 +58,9 @@ def test_captured_graph_is_planned_and_rewritten_as_transform_does(name, plan):
     expected = fx_shard.transform(model, plan, mesh_shape=MESH, example_inputs=inputs)
     assert records(gm) == records(expected)
     assert linear_calls(gm) == 0
-    # The same rewrites: as many concatenations (rotary's own; none joining split parts) and attention
-    # products, these as the einsum ops aot_autograd keeps whole.
+    # The same rewrites: as many concatenations (rotary's own; none joining split parts) and attention products.
     assert count(gm, torch.cat) == count(expected, torch.cat)
-    assert count(gm, *KeepEinsumsWhole.OPS.values()) == count(expected, *KeepEinsumsWhole.OPS) > 0
+    assert count(gm, einsum_attention, batched_matmul) == count(expected, einsum_attention, batched_matmul) > 0
     gm.graph.lint()
 
 
@@ -158,14 +157,18 @@ def test_a_layer_call_of_another_shape_stays_inlined_and_repeated_calls_fold_eac
     assert linear_calls(gm) == 1  # proj's own
 
 
-def test_einsum_ops_compute_the_functions_they_wrap():
-    q, k, v = torch.randn(2, 8, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
-    ops = KeepEinsumsWhole.OPS
-    torch.testing.assert_close(
-        ops[einsum_attention](q, k, v, is_causal=True, enable_gqa=True), einsum_attention(q, k, v, is_causal=True, enable_gqa=True)
-    )
-    a, b = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 4, 6)
-    torch.testing.assert_close(ops[batched_matmul](a, b), a @ b)
+def test_einsum_op_is_torch_einsum_with_its_gradients():
+    from fx_shard.ops import einsum
+
+    a = torch.randn(2, 3, 5, 4, requires_grad=True)
+    b = torch.randn(2, 3, 4, 6, requires_grad=True)
+    out = einsum("bhij,bhjk->bhik", a, b)
+    torch.testing.assert_close(out, a @ b)
+    out.sum().backward()
+    grads = a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
+    (a @ b).sum().backward()
+    torch.testing.assert_close(grads, (a.grad, b.grad))
 
 
 class FakeMesh:
