@@ -814,11 +814,17 @@ def main() -> None:
         result = json.loads(args.from_json.read_text())
     else:
         result = run(args)
-        if args.doc:
-            result["pass_time"] = run_pass_time(args.quick)
         result["meta"]["command"] = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
-        if args.json:
+        if args.json:  # written now, so a failure below loses nothing
             args.json.write_text(json.dumps(result, indent=1))
+        if args.doc:
+            try:
+                result["pass_time"] = run_pass_time(args.quick)
+            except Exception as e:  # noqa: BLE001 - the step-time results stand on their own
+                result["pass_time_error"] = f"{type(e).__name__}: {e}"
+                print(f"pass_time.py failed: {e}", file=sys.stderr)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
     print_tables(result)
     if args.doc:
         args.doc.write_text(doc(result))
@@ -997,6 +1003,8 @@ def doc(result: dict) -> str:
         lines += ["Failures:", ""] + [f"- {Item(r['devices'], r['strategy'], r['model'], r['size'], r['mode']).label()}: "
                                       f"`{r['error'][:400]}`" for r in errors] + [""]
     pt = result.get("pass_time")
+    if result.get("pass_time_error"):
+        lines += ["## Pass time", "", f"pass_time.py failed in this run: `{result['pass_time_error']}`", ""]
     if pt:
         ok, text = pass_time.goal(pt)
         lines += ["## Pass time: `fx_shard.transform` on Llama-70B-shaped meta models", "",
@@ -1005,7 +1013,7 @@ def doc(result: dict) -> str:
                   f"Median of {pt['repeats']} runs per size. Phases are timed by wrapping the functions `transform` "
                   "calls (nothing in fx_shard changed); `fake copy`, `recompile` and `lint` are nested inside the "
                   "phases.", "", pass_time.tables(pt), "", f"Goal: {text}.", ""]
-        lines += PASS_TIME_NOTES
+        lines += pass_time_notes(pt)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -1029,28 +1037,45 @@ MISSES = {
     "collectives": "- *Fewer collectives than seed.* See the configurations listed in the goal's row.",
 }
 
-PASS_TIME_NOTES = [
-    "Where the time goes at 80 layers (the phase table and the profile): shape propagation "
-    "(`fx_shard.capture.propagate_shapes` -> `torch.fx.passes.shape_prop.ShapeProp`), which first deep-copies the "
-    "whole GraphModule into fake tensors (`torch._dynamo.utils.deepcopy_to_fake_tensor`, the `fake copy` column) "
-    "and then runs every node through FakeTensor dispatch; and `GraphModule.recompile` (Python code generation plus "
-    "`compile()` of a 7,500-node `forward`), run about ten times: once when capture builds the GraphModule and once "
-    "after every pass, because `PassManager` recompiles after each pass whether or not it changed anything. The "
-    "passes' own work is small. Both costs are per node, so the total is linear in the layers.",
-    "",
-    "What would bring 80 layers under 2 s (for the fx_shard owners; nothing here changes fx_shard): recompile once at "
-    "the end instead of after every pass (run the passes with a manager that does not recompile, or have "
-    "`transform` call them directly); skip ShapeProp's fake deep copy when the model is already on `meta` (run the "
-    "interpreter on the meta module itself inside `FakeTensorMode`, or propagate with `torch.fx.experimental` "
-    "meta tracing); and reuse one FakeTensorMode across layers so the dispatch cache is warm.",
-]
+def pass_time_notes(pt: dict) -> list[str]:
+    """Where the time of the largest transform goes, and what would cut it, from the phase timings."""
+    row = max(pt["rows"], key=lambda r: r["layers"])
+    ph, calls, total = row["phases"], row["calls"], row["seconds"]
+
+    def part(name: str) -> str:
+        return f"{ph.get(name, 0):.2f} s ({100 * ph.get(name, 0) / total:.0f}%)"
+
+    lines = [
+        f"Where the time goes at {row['layers']} layers ({total:.2f} s, {row['nodes']} nodes): shape propagation "
+        f"{part('shapes')}, of which {ph.get('fake copy', 0):.2f} s is ShapeProp deep-copying the whole "
+        "GraphModule into fake tensors (`torch._dynamo.utils.deepcopy_to_fake_tensor`) and the rest FakeTensor "
+        f"dispatch of every node; capture (symbolic trace) {part('capture')}; the passes {part('passes')}; "
+        f"recording each pass's diff {part('diff')}; `GraphModule.recompile` (Python code generation and "
+        f"`compile()` of the whole `forward`) {ph.get('recompile', 0):.2f} s in {calls.get('recompile', 0)} calls, "
+        "spread over capture and the passes. Every one of these is per node, hence the straight line.",
+        "",
+        "What would cut it (for the fx_shard owners; nothing here changes fx_shard):",
+        "",
+        f"- shape propagation ({ph.get('shapes', 0):.2f} s): on a `meta` model the fake deep copy "
+        f"({ph.get('fake copy', 0):.2f} s) buys nothing: interpret the meta module directly (meta tensors carry "
+        "shapes), or propagate shapes only for the nodes the passes read (split/chunk/unbind inputs and "
+        "attention operands), not all of them;",
+        f"- recompile ({ph.get('recompile', 0):.2f} s, {calls.get('recompile', 0)} calls): recompile once, after "
+        "the last pass;",
+        f"- the diff ({ph.get('diff', 0):.2f} s): describe nodes only when a report asks for it, or compare by node "
+        "identity instead of formatting every node twice per pass.",
+    ]
+    return lines
 
 
 def run_pass_time(quick: bool) -> dict:
     """pass_time.py in a child process (no XLA there), with a profile of the largest model unless quick."""
     out = Path(tempfile.mkstemp(prefix="fx_shard_pass_time_", suffix=".json")[1])
     cmd = [sys.executable, str(ROOT / "benchmarks" / "pass_time.py"), "--json", str(out)]
-    subprocess.run(cmd + (["--quick"] if quick else ["--profile"]), check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    proc = subprocess.run(cmd + (["--quick"] if quick else ["--profile"]), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"pass_time.py exited with {proc.returncode}: {proc.stderr.strip().splitlines()[-1]}")
     result = json.loads(out.read_text())
     out.unlink()
     return result
