@@ -29,7 +29,7 @@ from fx_shard.plan import LayerPlan, ShardPlan, first_match, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, Axis, ModelSharding, PassDiff, ShardingRecord, axis_size
 from fx_shard.xla import materialize, mesh_shape_of
 
-__all__ = ["FUSED_STRATEGIES", "shard", "shard_model", "transform"]
+__all__ = ["FUSED_STRATEGIES", "pass_names", "run_passes", "shard", "shard_model", "transform"]
 
 FUSED_STRATEGIES = ("split", "interleave")
 
@@ -86,8 +86,23 @@ def transform(
     if shard_plan.auto and unplanned:
         inferred.update(_infer_opaque(model, unplanned, captured.opaque, example_inputs, example_kwargs, axis_size(mesh_shape, axis)))
     records = shard_plan.resolve(layers, mesh_shape, axis, inferred, model_plan)
-    passes = [
-        AnnotateSharding({}),
+    diff = []
+    for prefix, gm in captured.parts.items():
+        diff += run_passes(gm, _under(records, prefix), mesh_shape, fused, prefix)
+    opaque_layers = {path: _fit_opaque(root, path, r, mesh_shape) for path, r in records.items() if path not in in_graphs}
+    use_einsum_attention(root)
+    summary = ModelSharding(dict(mesh_shape), axis, pass_names(fused), opaque_layers, captured.opaque, tuple(diff))
+    if isinstance(root, fx.GraphModule):
+        root.meta[SHARDING_KEY] = summary
+    else:
+        root.meta = {SHARDING_KEY: summary}
+    return root
+
+
+def _passes(records: Mapping[str, ShardingRecord], mesh_shape: Mapping[str, int], fused: str) -> list:
+    """The pass pipeline, in order: annotate, fused layers, consumers, heads, attention, constraints."""
+    return [
+        AnnotateSharding(records),
         KeepGroupedFused(mesh_shape),
         *([InterleaveFusedLinear(mesh_shape)] if fused == "interleave" else []),
         SplitFusedLinear(),
@@ -96,23 +111,23 @@ def transform(
         AttentionToEinsum(),
         InsertShardingConstraints(),
     ]
+
+
+def pass_names(fused: str = "split") -> tuple[str, ...]:
+    """The names of the passes ``transform`` runs, in order."""
+    return tuple(type(p).__name__ for p in _passes({}, {}, fused))
+
+
+def run_passes(
+    gm: fx.GraphModule, records: Mapping[str, ShardingRecord], mesh_shape: Mapping[str, int], fused: str = "split", part: str = ""
+) -> list[PassDiff]:
+    """Run the pipeline on one graph with its layers' ``records``; what each pass changed."""
     diff = []
-    for prefix, gm in captured.parts.items():
-        passes[0] = AnnotateSharding(_under(records, prefix))
-        for p in passes:
-            before = _describe_nodes(gm)
-            p(gm)
-            diff.append(_diff(type(p).__name__, prefix, before, _describe_nodes(gm)))
-    opaque_layers = {path: _fit_opaque(root, path, r, mesh_shape) for path, r in records.items() if path not in in_graphs}
-    use_einsum_attention(root)
-    summary = ModelSharding(
-        dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes), opaque_layers, captured.opaque, tuple(diff)
-    )
-    if isinstance(root, fx.GraphModule):
-        root.meta[SHARDING_KEY] = summary
-    else:
-        root.meta = {SHARDING_KEY: summary}
-    return root
+    for p in _passes(records, mesh_shape, fused):
+        before = _describe_nodes(gm)
+        p(gm)
+        diff.append(_diff(type(p).__name__, part, before, _describe_nodes(gm)))
+    return diff
 
 
 def _describe_nodes(gm: fx.GraphModule) -> dict[str, str]:

@@ -39,20 +39,12 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from fx_shard.api import _describe_nodes, _diff
+from fx_shard.api import pass_names, run_passes
 from fx_shard.capture import is_linear_like, linear_like_modules
 from fx_shard.errors import CaptureError, FxShardError
 from fx_shard.hf import hf_plan
 from fx_shard.infer import infer_plan
 from fx_shard.layers import SplitLinear
-from fx_shard.passes import (
-    AnnotateSharding,
-    AttentionToEinsum,
-    FitHeadsToMesh,
-    InsertShardingConstraints,
-    RewireFusedConsumers,
-    SplitFusedLinear,
-)
 from fx_shard.passes.utils import result, set_submodule
 from fx_shard.plan import ShardPlan, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, Axis, ModelSharding, axis_size
@@ -198,21 +190,9 @@ def transform_captured(
     model_plan = hf_plan(root) if here.auto else {}
     inferred = infer_plan(gm, axis_size(mesh_shape, axis)) if here.auto else {}
     records = here.resolve(layers, mesh_shape, axis, inferred, model_plan)
-    passes = [
-        AnnotateSharding(records),
-        SplitFusedLinear(),
-        RewireFusedConsumers(),
-        FitHeadsToMesh(mesh_shape),
-        AttentionToEinsum(),
-        InsertShardingConstraints(),
-    ]
-    diff = []
-    for p in passes:
-        before = _describe_nodes(gm)
-        p(gm)
-        diff.append(_diff(type(p).__name__, "", before, _describe_nodes(gm)))
+    diff = run_passes(gm, records, mesh_shape)
     gm.meta[SHARDING_KEY] = ModelSharding(
-        dict(mesh_shape), axis, tuple(type(p).__name__ for p in passes), opaque=dict(fold.left_inlined), diff=tuple(diff)
+        dict(mesh_shape), axis, pass_names(), opaque=dict(fold.left_inlined), diff=tuple(diff)
     )
     logger.info("fx_shard: %d layers planned in a captured graph, %d left inlined", len(records), len(fold.left_inlined))
     return gm
