@@ -147,14 +147,18 @@ def record_part_inputs(captured: Captured, args: tuple, kwargs: dict) -> dict[st
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Fill ``node.meta["tensor_meta"]`` by running ``gm`` on fake copies of ``example_inputs``.
 
-    Nothing is computed or allocated (fake tensors), so meta models work. The
-    passes use shapes only for what does not depend on the example's batch or
-    sequence length: ranks and feature sizes.
+    Nothing is computed or allocated: a meta model runs on meta inputs as it
+    is, any other on fake tensors (ShapeProp then copies the module to fake
+    tensors, which costs more). The passes use shapes only for what does not
+    depend on the example's batch or sequence length: ranks and feature sizes.
     """
     device = next((t.device for t in gm.parameters()), torch.device("cpu"))
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t.to(device)), example_inputs)
     try:
+        if device.type == "meta":
+            ShapeProp(gm).propagate(*pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), example_inputs))
+            return
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t.to(device)), example_inputs)
         ShapeProp(gm, fake_mode=mode).propagate(*fake)
     except Exception as e:
         raise CaptureError(f"example_inputs do not run through {type(gm).__name__}: {e}") from e
