@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import os
 
-import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
@@ -30,7 +29,7 @@ from fx_shard.capture import capture, linear_like_modules, propagate_shapes
 from fx_shard.passes import AnnotateSharding, SplitFusedLinear
 from fx_shard.plan import ShardPlan, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, ModelSharding
-from fx_shard.xla import materialize, mesh_shape_of
+from fx_shard.xla import materialize, mesh_shape_of, to_device_keeping_ties
 
 STRATEGIES = ("fused", "seed", "fx_shard")
 #: Everything the step-time benchmark compares; ``auto`` needs a runtime of its own.
@@ -60,26 +59,6 @@ def place(strategy: str, model: nn.Module, mesh, plan: dict, example_inputs: tup
             raise RuntimeError("strategy 'auto' needs a runtime started with start_runtime(devices, auto=True)")
         return to_device_keeping_ties(copy.deepcopy(model), fx_shard.xla_device())
     return shard_with(strategy, model, mesh, plan, example_inputs)
-
-
-def to_device_keeping_ties(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module.to(device)``, except that a Parameter shared by two layers stays one tensor.
-
-    ``Module.to`` makes a new Parameter per owner when moving to XLA, which
-    would double tied embeddings and train them as two tensors.
-    """
-    moved: dict[int, torch.Tensor] = {}
-    for sub in module.modules():
-        for table in (sub._parameters, sub._buffers):
-            for name, tensor in table.items():
-                if tensor is None:
-                    continue
-                if id(tensor) not in moved:
-                    data = tensor.detach().to(device)
-                    is_param = isinstance(tensor, nn.Parameter)
-                    moved[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if is_param else data
-                table[name] = moved[id(tensor)]
-    return module
 
 
 def shard_with(strategy: str, model: nn.Module, mesh, plan: dict, example_inputs: tuple) -> fx.GraphModule:

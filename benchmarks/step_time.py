@@ -68,7 +68,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from progress import Progress, format_seconds  # noqa: E402
+from progress import Progress  # noqa: E402
 
 STRATEGIES = ("replicated", "seed", "fused", "auto", "fx_shard")
 MODES = ("inference", "training")
@@ -928,7 +928,6 @@ def doc(result: dict) -> str:
     idx = _index(rows)
     devs = max((r["devices"] for r in rows), default=1)
     sizes = [z for z in SIZES if any(r["size"] == z for r in rows)]
-    largest = sizes[-1] if sizes else "default"
     loads = [x for r in rows for x in r.get("load_avg_1min", [])]
     # Uncommitted changes that could affect the numbers (not the docs this run writes).
     modified = [m for m in meta.get("git_modified") or [] if not m.startswith("docs/")]
@@ -987,7 +986,7 @@ def doc(result: dict) -> str:
     if autos and all(r["parameter_bytes"] == r["parameter_bytes_total"] and not _total(r) for r in autos):
         lines += ["", AUTO_NOTE]
     lines += ["", "## Setup", "",
-              f"Strategies: `replicated` (the model moved to the XLA device as is), `seed` (vLLM's `shard_model` way: "
+              "Strategies: `replicated` (the model moved to the XLA device as is), `seed` (vLLM's `shard_model` way: "
               "fused layers split, outputs concatenated again; `benchmarks/baselines.py`), `fused` (fused weights "
               "sharded as one column-parallel weight), `auto` (torch_xla's auto-sharding, `xr.use_spmd(auto=True)`, "
               "its own process; `XLA_AUTO_SPMD_MESH` unset, so the mesh is (N, 1)), `fx_shard` (`fx_shard.shard` with "

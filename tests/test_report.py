@@ -285,7 +285,6 @@ def test_the_report_does_not_import_torch_xla():
 
 
 def test_a_model_captured_part_by_part():
-    pytest.importorskip("transformers")
     sys.path.insert(0, str(Path(__file__).parent))
     from hf_models import build_hf, hf_inputs
 
