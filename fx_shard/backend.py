@@ -48,7 +48,7 @@ from fx_shard.layers import SplitLinear
 from fx_shard.passes.utils import result, set_submodule
 from fx_shard.plan import ShardPlan, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, Axis, ModelSharding, axis_size
-from fx_shard.xla import _torch_xla, mesh_shape_of, param_specs
+from fx_shard.xla import _torch_xla, mark, mesh_for, mesh_shape_of, param_specs
 
 __all__ = [
     "InlinedLayersToModules",
@@ -106,7 +106,6 @@ class ShardingBackend:
     def _materialize(self, gm: fx.GraphModule, root: nn.Module) -> None:
         """Give split parts device data of their own, shard every recorded parameter in place, pin outputs."""
         torch_xla = _torch_xla()
-        xs = torch_xla.distributed.spmd
         fresh = []
         for path, module in list(gm.named_modules()):
             if not isinstance(module, SplitLinear):
@@ -124,7 +123,7 @@ class ShardingBackend:
         if fresh:  # views of the fused weight until computed; mark_sharding wants device data
             torch_xla._XLAC._xla_sync_multi(fresh, [], True, True)
         for param, spec, owner in param_specs(gm).values():
-            xs.mark_sharding(param, self.mesh, spec)
+            mark(param, self.mesh, spec)
             logger.debug("%s: %s", owner, spec)
         _constraints_as_xla_ops(gm, self.mesh)
 
@@ -147,8 +146,9 @@ def _constraints_as_xla_ops(gm: fx.GraphModule, mesh) -> None:
         if meta is None:
             raise FxShardError(f"{node.target}: the rank of the constrained output is unknown; cannot pin its sharding")
         spec = (None,) * (len(meta.shape) - len(module.spec)) + module.spec
+        view, spec = mesh_for(mesh, spec)
         with graph.inserting_before(node):
-            marked = graph.call_function(torch.ops.xla.aot_mark_sharding.default, (node.args[0], str(mesh), str(spec)))
+            marked = graph.call_function(torch.ops.xla.aot_mark_sharding.default, (node.args[0], str(view), str(spec)))
         marked.meta.update(node.meta)
         node.replace_all_uses_with(marked)
         graph.erase_node(node)

@@ -37,7 +37,7 @@ from torch import fx, nn
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.layers import SplitLinear
 from fx_shard.sharding import SHARDING_KEY, Spec, axis_names, local_shape
-from fx_shard.xla import _torch_xla, mesh_shape_of, param_specs, xla_device
+from fx_shard.xla import _torch_xla, mesh_for, mesh_shape_of, param_specs, xla_device
 
 __all__ = ["load_sharded", "shard_indices"]
 
@@ -123,6 +123,8 @@ class _Location:
 
     A split part sits at an offset along the fused tensor's output dimension
     (0, or 1 for a ``Conv1D`` weight); any other tensor is the whole of its key.
+    With ``groups > 1`` the fused rows repeat per group: the part has
+    ``size / groups`` rows at ``offset`` within each group's block.
     """
 
     name: str
@@ -130,6 +132,8 @@ class _Location:
     key_shape: tuple[int, ...]
     dim: int = 0
     offset: int = 0
+    size: int = 0
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,8 @@ def _split_parts(gm: fx.GraphModule) -> dict[str, _Location]:
             offset = 0
             for part_name, size in zip(module.part_names, module.output_sizes):
                 name = f"{prefix}{part_name}.{field}"
-                locations[name] = _Location(name, prefix + field, tuple(fused_shape), dim, offset)
+                groups = module.groups
+                locations[name] = _Location(name, prefix + field, tuple(fused_shape), dim, offset // groups, size, groups)
                 offset += size
     return locations
 
@@ -287,13 +292,21 @@ def _full_index(shape: Sequence[int]) -> tuple[slice, ...]:
 
 
 def _read(reader: _Reader, location: _Location, index: tuple[slice, ...]) -> torch.Tensor:
-    """``index`` into the tensor at ``location`` (shifted to its place in a fused tensor)."""
-    if location.offset:
-        index = list(index)
-        part = index[location.dim]
-        index[location.dim] = slice(part.start + location.offset, part.stop + location.offset)
-        index = tuple(index)
-    return reader.read(location.key, index)
+    """``index`` into the tensor at ``location`` (shifted to its place in a fused tensor, group by group)."""
+    rows = index[location.dim]
+    if location.groups == 1:
+        moved = slice(rows.start + location.offset, rows.stop + location.offset)
+        return reader.read(location.key, (*index[:location.dim], moved, *index[location.dim + 1:]))
+    per_group = location.size // location.groups
+    stride = location.key_shape[location.dim] // location.groups
+    pieces = []
+    for group in range(location.groups):
+        start, stop = max(rows.start, group * per_group), min(rows.stop, (group + 1) * per_group)
+        if start < stop or not pieces and group == location.groups - 1:
+            shift = group * (stride - per_group) + location.offset
+            moved = slice(start + shift, max(start, stop) + shift)
+            pieces.append(reader.read(location.key, (*index[:location.dim], moved, *index[location.dim + 1:])))
+    return torch.cat(pieces, location.dim)
 
 
 # --------------------------------------------------------------------------- per-device pieces
@@ -306,8 +319,11 @@ def shard_indices(shape: Sequence[int], spec: Spec | None, mesh) -> list[tuple[s
     device order); each is a slice per dimension, unpadded (the last shard
     of an uneven split is shorter, or empty). This is XLA's tiling as
     ``xs.mark_sharding`` asks for it: a dimension split over axes ``(a, b)``
-    is split ``size(a) * size(b)`` ways, ``a`` major.
+    is split ``size(a) * size(b)`` ways, ``a`` major; a sub-axis ``"tp:k"``
+    as ``mesh_for`` makes it an axis of a finer mesh.
     """
+    if spec is not None:
+        mesh, spec = mesh_for(mesh, spec)
     logical = mesh.get_logical_mesh()
     names = list(mesh.axis_names)
     indices: list[tuple[slice, ...]] = [()] * logical.size
@@ -367,8 +383,9 @@ def _load_param(
     torch_xla = _torch_xla()
     pieces = _device_pieces(reader, location, param.shape, spec, mesh, param.dtype)
     local = [int(d.split(":")[-1]) for d in torch_xla._XLAC._xla_get_runtime_devices()]
+    view, spec = mesh_for(mesh, spec)
     return torch_xla._XLAC._global_tensor_from_cpu_shards(
-        [pieces[d] for d in local], mesh.get_op_sharding(tuple(spec)), list(param.shape)
+        [pieces[d] for d in local], view.get_op_sharding(tuple(spec)), list(param.shape)
     )
 
 

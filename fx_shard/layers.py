@@ -28,6 +28,8 @@ __all__ = [
     "RowParallelLinear",
     "SplitLinear",
     "VocabParallelEmbedding",
+    "join_parts",
+    "split_parts",
     "class_style",
     "interleave_rows",
 ]
@@ -280,22 +282,41 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[..., : self.org_vocab_size]
 
 
+def join_parts(tensors: Sequence[torch.Tensor], groups: int = 1, dim: int = -1) -> torch.Tensor:
+    """The fused tensor from its parts: ``[p_0 | p_1 | ...]`` along ``dim``, once per group when ``groups > 1``."""
+    if groups == 1:
+        return torch.cat(tensors, dim)
+    dim %= tensors[0].dim()
+    return torch.cat([t.unflatten(dim, (groups, -1)) for t in tensors], dim + 1).flatten(dim, dim + 1)
+
+
+def split_parts(fused: torch.Tensor, sizes: Sequence[int], groups: int = 1, dim: int = -1) -> list[torch.Tensor]:
+    """The inverse of ``join_parts``: each part's rows of ``fused`` (gathered from every group)."""
+    if groups == 1:
+        return list(torch.split(fused, list(sizes), dim))
+    dim %= fused.dim()
+    per_group = torch.split(fused.unflatten(dim, (groups, -1)), [s // groups for s in sizes], dim + 1)
+    return [p.flatten(dim, dim + 1) for p in per_group]
+
+
 class SplitLinear(nn.Module):
     """A fused linear (``[q | k | v]``, ``[gate | up]``) held as one linear per part.
 
-    ``forward`` is the fused layer's own: it concatenates the parts' outputs,
-    as vLLM's ``XlaQKVParallelLinear`` does. fx_shard's graph passes call the
+    ``forward`` is the fused layer's own: it joins the parts' outputs, as
+    vLLM's ``XlaQKVParallelLinear`` does. fx_shard's graph passes call the
     parts directly instead. ``state_dict`` saves the fused ``weight`` / ``bias``
     under the fused layer's keys and ``load_state_dict`` splits them again, so
-    checkpoints keep their original layout.
+    checkpoints keep their original layout. ``groups > 1``: the fused rows
+    repeat ``[part_0 | part_1 | ...]`` per group (q/k/v per KV group).
     """
 
-    def __init__(self, parts: dict[str, nn.Module], output_sizes: Sequence[int]) -> None:
+    def __init__(self, parts: dict[str, nn.Module], output_sizes: Sequence[int], groups: int = 1) -> None:
         super().__init__()
         for name, part in parts.items():
             self.add_module(name, part)
         self.part_names = tuple(parts)
         self.output_sizes = list(output_sizes)
+        self.groups = groups
         first = parts[self.part_names[0]]
         self.dim = output_dim(first)
         self.return_bias = getattr(first, "return_bias", False)
@@ -304,28 +325,27 @@ class SplitLinear(nn.Module):
         self._register_load_state_dict_pre_hook(_load_fused, with_module=True)
 
     @classmethod
-    def from_fused(cls, fused: nn.Module, names: Sequence[str], output_sizes: Sequence[int]) -> SplitLinear:
-        """Split ``fused``'s weight (output features) and bias by ``output_sizes``, sharing its storage."""
+    def from_fused(cls, fused: nn.Module, names: Sequence[str], output_sizes: Sequence[int], groups: int = 1) -> SplitLinear:
+        """Split ``fused``'s weight (output features) and bias by ``output_sizes`` (views of it when ``groups == 1``)."""
         parts: dict[str, nn.Module] = {}
-        start = 0
         dim = output_dim(fused)
-        for name, size in zip(names, output_sizes):
+        weights = split_parts(fused.weight.detach(), output_sizes, groups, dim)
+        biases = split_parts(fused.bias.detach(), output_sizes, groups, 0) if fused.bias is not None else None
+        for i, (name, size) in enumerate(zip(names, output_sizes)):
             part = _empty_like_linear(fused, size)
-            weight = fused.weight.detach().narrow(dim, start, size)
-            part.weight = nn.Parameter(weight, requires_grad=fused.weight.requires_grad)
-            if fused.bias is not None:
-                part.bias = nn.Parameter(fused.bias.detach()[start:start + size], requires_grad=fused.bias.requires_grad)
-            start += size
+            part.weight = nn.Parameter(weights[i], requires_grad=fused.weight.requires_grad)
+            if biases is not None:
+                part.bias = nn.Parameter(biases[i], requires_grad=fused.bias.requires_grad)
             parts[name] = part
-        return cls(parts, output_sizes)
+        return cls(parts, output_sizes, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         results = [getattr(self, name)(x) for name in self.part_names]
         if not self.return_bias:
-            return torch.cat(results, dim=-1)
-        output = torch.cat([r[0] for r in results], dim=-1)
+            return join_parts(results, self.groups)
+        output = join_parts([r[0] for r in results], self.groups)
         biases = [r[1] for r in results]
-        return output, (torch.cat(biases, dim=-1) if biases[0] is not None else None)
+        return output, (join_parts(biases, self.groups) if biases[0] is not None else None)
 
 
 def _empty_like_linear(fused: nn.Module, out_features: int) -> nn.Module:
@@ -346,7 +366,8 @@ def _save_fused(module: SplitLinear, state_dict: dict, prefix: str, local_metada
     for field in ("weight", "bias"):
         keys = [f"{prefix}{name}.{field}" for name in module.part_names]
         if keys[0] in state_dict:
-            state_dict[prefix + field] = torch.cat([state_dict.pop(k) for k in keys], dim=module.dim if field == "weight" else 0)
+            dim = module.dim if field == "weight" else 0
+            state_dict[prefix + field] = join_parts([state_dict.pop(k) for k in keys], module.groups, dim)
 
 
 def _load_fused(module: SplitLinear, state_dict: dict, prefix: str, *args) -> None:
@@ -354,7 +375,7 @@ def _load_fused(module: SplitLinear, state_dict: dict, prefix: str, *args) -> No
         fused = state_dict.pop(prefix + field, None)
         if fused is not None:
             dim = module.dim if field == "weight" else 0
-            for name, piece in zip(module.part_names, torch.split(fused, module.output_sizes, dim=dim)):
+            for name, piece in zip(module.part_names, split_parts(fused, module.output_sizes, module.groups, dim)):
                 state_dict[f"{prefix}{name}.{field}"] = piece
 
 

@@ -110,17 +110,20 @@ def shape_args(node: fx.Node) -> list:
     return list(node.args[1:])
 
 
-def split_sections(user: fx.Node, source: fx.Node, features: int) -> list[int] | None:
-    """The sizes ``user`` (a split or chunk of ``source`` along its features) cuts ``features`` into."""
+def split_sections(user: fx.Node, source: fx.Node, features: int, axis: tuple[int, int] | None = None) -> list[int] | None:
+    """The sizes ``user`` (a split or chunk of ``source`` along its features) cuts ``features`` into.
+
+    ``axis``, as ``(dim, dim - rank)``, asks for a split along that axis of ``features`` items instead.
+    """
     op = op_of(user)
     if op not in SPLIT + CHUNK or not user.args or user.args[0] is not source:
         return None
     kwargs = user.kwargs
     amount = user.args[1] if len(user.args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("chunks")))
     dim = user.args[2] if len(user.args) > 2 else kwargs.get("dim", 0)
-    if not is_last_dim(dim, source):
+    if not (dim in axis if axis is not None else is_last_dim(dim, source)):
         return None
-    known = {source: features}
+    known = {source: features} if axis is None else {}
     if isinstance(amount, (list, tuple)):
         sections = [static_int(a, known) for a in amount]
         return sections if op not in CHUNK and None not in sections and sum(sections) == features else None

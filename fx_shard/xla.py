@@ -16,9 +16,12 @@ import torch
 from torch import fx
 
 from fx_shard.errors import FxShardError, PlanError
-from fx_shard.sharding import layer_parameters, model_sharding
+from fx_shard.sharding import Spec, axis_names, layer_parameters, model_sharding, split_sub_axis
 
-__all__ = ["hlo_dump_dir", "init_runtime", "param_specs", "make_mesh", "to_device_keeping_ties", "materialize", "mesh_shape_of", "xla_device"]
+__all__ = [
+    "hlo_dump_dir", "init_runtime", "param_specs", "make_mesh", "mark", "mesh_for", "to_device_keeping_ties",
+    "materialize", "mesh_shape_of", "xla_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +122,39 @@ def mesh_shape_of(mesh) -> dict[str, int]:
     return dict(zip(names, shape))
 
 
+def mesh_for(mesh, spec: Spec) -> tuple[object, Spec]:
+    """``(mesh, spec)`` as torch_xla takes them: each sub-axis ``"tp:k"`` an axis of a finer view of ``mesh``.
+
+    The view splits axis ``tp`` of size n into ``("tp:k", "tp:k/")`` of sizes
+    (k, n/k) over the same devices in the same order; the spec's ``"tp:k"``
+    names the first, and a whole ``"tp"`` both. Without sub-axes, unchanged.
+    """
+    split = dict(split_sub_axis(a) for entry in spec for a in axis_names(entry) if ":" in a)
+    if not split:
+        return mesh, spec
+    import numpy as np
+
+    shape, names, whole = [], [], {}
+    for name, size in zip(mesh.axis_names, mesh.mesh_shape):
+        if name in split:
+            major = f"{name}:{split[name]}"
+            whole[name] = (major, f"{major}/")
+            shape += [split[name], size // split[name]]
+            names += whole[name]
+        else:
+            shape.append(size)
+            names.append(name)
+    view = _torch_xla().distributed.spmd.Mesh(np.asarray(mesh.get_logical_mesh()).ravel(), tuple(shape), tuple(names))
+    expand = lambda entry: tuple(n for a in axis_names(entry) for n in whole.get(a, (a,)))  # noqa: E731
+    return view, tuple(None if entry is None else expand(entry) for entry in spec)
+
+
+def mark(tensor: torch.Tensor, mesh, spec: Spec) -> None:
+    """``xs.mark_sharding(tensor, mesh, spec)``, sub-axes included."""
+    view, spec = mesh_for(mesh, spec)
+    _torch_xla().distributed.spmd.mark_sharding(tensor, view, spec)
+
+
 def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
     """Move ``gm`` to the XLA device and shard each parameter as its node's record says.
 
@@ -128,10 +164,9 @@ def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
     """
     from fx_shard.constraint import ShardingConstraint
 
-    xs = _torch_xla().distributed.spmd
     to_device_keeping_ties(gm, xla_device())
     for param, spec, owner in param_specs(gm).values():
-        xs.mark_sharding(param, mesh, spec)
+        mark(param, mesh, spec)
         logger.debug("%s: %s", owner, spec)
     for module in gm.modules():
         if isinstance(module, ShardingConstraint):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Mapping
 
@@ -12,7 +11,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fx_shard.errors import PlanError
 from fx_shard.layers import out_features
 from fx_shard.passes.utils import result
-from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, fitting_axes, narrowed, sharding_of
+from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, axis_size, fitting_axes, narrowed, sharding_of
 
 __all__ = ["FitHeadsToMesh", "fit_to_heads", "head_dim_of"]
 
@@ -27,9 +26,11 @@ class FitHeadsToMesh(PassBase):
     (2 KV heads, 8 devices); sharding k/v features 8 ways cuts heads apart and
     XLA moves data to put them back. On a mesh ``("kv", "tp")`` k/v shard over
     ``kv`` alone, which matches the q heads each device holds; on a 1-D mesh
-    they are replicated. Either way attention needs no collective (measured,
-    docs/collectives.md). Heads are found from the reshape
-    ``(..., heads or -1, head_dim)`` downstream of the projection.
+    over the sub-axis ``"tp:2"`` (2 blocks of consecutive devices), the same
+    layout; heads that share no factor with the mesh are replicated. Either
+    way attention needs no collective (measured, docs/collectives.md). Heads
+    are found from the reshape ``(..., heads | -1, head_dim)`` or
+    ``(..., KV, G, head_dim)`` downstream of the projection.
 
     Reads: ``node.meta["sharding"]`` of colwise layers. Writes: those records.
     """
@@ -63,7 +64,7 @@ def fit_to_heads(
     entry chose the layer: an error naming ``where``.
     """
     axes = axis_names(record.specs["weight"][0] if record.specs["weight"][0] is not None else record.specs["weight"][1])
-    ways = lambda names: math.prod(mesh_shape[a] for a in names)  # noqa: E731
+    ways = lambda names: axis_size(mesh_shape, names or None)  # noqa: E731
     if record.style != "colwise" or head_dim is None or (features // head_dim) % ways(axes) == 0:
         return None
     heads = features // head_dim
@@ -77,7 +78,8 @@ def fit_to_heads(
     what = f"{heads} heads (head_dim {head_dim}) do not divide mesh axes {axes} ({ways(axes)})"
     if not fitting:
         return narrowed(record, (), f"{what}: replicated, so attention needs no collective")
-    return narrowed(record, fitting, f"{what}: sharded over {fitting} ({ways(fitting)}) only, so attention needs no collective")
+    blocks = ", blocks of consecutive devices sharing a piece" if ":" in fitting[-1] else ""
+    return narrowed(record, fitting, f"{what}: sharded over {fitting} ({ways(fitting)}) only{blocks}, so attention needs no collective")
 
 
 def head_dim_of(node: fx.Node, features: int) -> int | None:
@@ -89,11 +91,25 @@ def head_dim_of(node: fx.Node, features: int) -> int | None:
             for user in value.users:
                 if user.op == "call_method" and user.target in _RESHAPE and user.args[0] is value:
                     shape = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
-                    head_dim, heads = shape[-1], shape[-2] if len(shape) >= 2 else None
-                    if isinstance(head_dim, int) and head_dim > 0 and features % head_dim == 0 and (
-                        heads == -1 or heads == features // head_dim
-                    ):
-                        return head_dim
+                    if _splits_features(list(shape), features):
+                        return shape[-1]
                 following.append(user)
         frontier = following
     return None
+
+
+def _splits_features(shape: list, features: int) -> bool:
+    """Whether ``shape`` ends ``(..., heads | -1, head_dim)``, the heads possibly over several dims (KV, G)."""
+    head_dim = shape[-1]
+    if len(shape) < 2 or not isinstance(head_dim, int) or head_dim <= 0 or features % head_dim:
+        return False
+    if shape[-2] == -1:
+        return True
+    size = head_dim
+    for dim in reversed(shape[:-1]):
+        if not isinstance(dim, int) or dim <= 0:
+            return False
+        size *= dim
+        if size == features:
+            return True
+    return False

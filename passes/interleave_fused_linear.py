@@ -46,7 +46,7 @@ class InterleaveFusedLinear(PassBase):
         done: set[str] = set()
         for node in list(graph.find_nodes(op="call_module")):
             record = sharding_of(node)
-            if record is None or record.style not in _FUSED_STYLES or record.interleaved:
+            if record is None or record.style not in _FUSED_STYLES or record.interleaved or record.groups > 1:
                 continue
             module = graph_module.get_submodule(node.target)
             ways = axis_size(self.mesh_shape, record.specs["weight"][output_dim(module)])

@@ -1,10 +1,11 @@
-"""KeepGroupedFused: a fused QKV laid out per KV group is already sharded right; keep it whole."""
+"""KeepGroupedFused: a fused QKV laid out per KV group is kept whole where whole groups fit the mesh, else split by group."""
 
 from __future__ import annotations
 
 import math
 import operator
 from collections.abc import Mapping
+from dataclasses import replace
 
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -24,9 +25,10 @@ class KeepGroupedFused(PassBase):
     group by group and read them with ``view(..., KV, G + 2, head_dim)``.
     Sharding those rows in contiguous blocks gives each device whole groups
     when the mesh divides ``KV``: no split, no concatenation, no collective.
-    Splitting by ``[q | k | v]`` sizes would be wrong-headed here (still
-    correct, but every part would cross groups). When the mesh does not
-    divide ``KV`` the layer is replicated, with the reason.
+    With fewer groups than devices (on any of the layer's mesh axes) the record asks ``SplitFusedLinear`` to
+    gather q, k and v from every group (``groups``), so q shards by heads and
+    k/v by group (``FitHeadsToMesh``); ``RewireFusedConsumers`` reads the
+    parts where the code read the group view.
 
     Reads: qkv records and the reshape after the layer. Writes: those records.
     """
@@ -46,14 +48,13 @@ class KeepGroupedFused(PassBase):
             if groups is None:
                 continue
             axes = axis_names(record.specs["weight"][output_dim(module)])
-            fitting = fitting_axes(axes, groups, self.mesh_shape)
-            if fitting:
-                note = f"q/k/v laid out per KV group ({groups} groups): kept fused, whole groups sharded over {fitting}"
-                node.meta[SHARDING_KEY] = narrowed(record, fitting, note, interleaved=True)
+            if fitting_axes(axes, groups, self.mesh_shape, partial=False) == axes:
+                note = f"q/k/v laid out per KV group ({groups} groups): kept fused, whole groups sharded over {axes}"
+                node.meta[SHARDING_KEY] = narrowed(record, axes, note, interleaved=True)
             else:
-                note = (f"q/k/v laid out per KV group: {groups} groups do not split over {axes}, replicated "
-                        "(a mesh with a kv axis, make_mesh(kv=...), keeps them sharded)")
-                node.meta[SHARDING_KEY] = narrowed(record, (), note)
+                note = (f"q/k/v laid out per KV group: {groups} groups do not split over {axes}; "
+                        "split into q, k, v gathered from every group")
+                node.meta[SHARDING_KEY] = replace(record, groups=groups, notes=(*record.notes, note))
             modified = True
         return result(graph_module, modified)
 
@@ -66,9 +67,10 @@ def _kv_groups(node: fx.Node, sizes: tuple[int, ...]) -> int | None:
         if op_of(user) not in RESHAPE or user.args[0] is not output:
             continue
         tail = [static_int(v, {output: total}) for v in shape_args(user)][-3:]
-        if len(tail) < 3 or None in tail:
+        if len(tail) < 3 or None in tail[1:] or tail[2] <= 0 or tail[1] <= 0:
             continue
         groups, per_group, head_dim = tail
+        groups = total // (per_group * head_dim) if groups == -1 else groups
         if groups * per_group * head_dim == total and sizes[1] == sizes[2] == groups * head_dim and per_group > 2:
             return groups if math.prod((groups, per_group - 2, head_dim)) == sizes[0] else None
     return None

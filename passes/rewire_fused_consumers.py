@@ -9,7 +9,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fx_shard.layers import SplitLinear
+from fx_shard.layers import SplitLinear, join_parts
 from fx_shard.ops import fused_part
 from fx_shard.patterns import CHUNK, PERMUTE, RESHAPE, SPLIT, UNBIND, op_of, parts_axis, rank, shape_args, split_sections, static_int
 from fx_shard.passes.utils import erase_if_dead, provenance, result
@@ -28,8 +28,11 @@ class RewireFusedConsumers(PassBase):
     ``split`` / ``chunk`` along the features at the part boundaries, slices
     ``x[..., a:b]`` on part boundaries (``SiluAndMul``), and the heads
     reshape ``reshape(..., 3, H, hd)`` followed by ``permute`` and
-    ``unbind`` / indexing (timm). Any other consumer keeps the ``cat`` (the
-    function stays right) and the parts' records get a note the report shows.
+    ``unbind`` / indexing (timm); for q/k/v laid out per KV group
+    (``join_parts``), the group view ``view(..., KV, G + 2, head_dim)`` read
+    by slices or a split along its group axis (Falcon). Any other consumer
+    keeps the join (the function stays right) and the parts' records get a
+    note the report shows.
 
     Reads: ``node.meta["sharding"]`` (``part_of``), ``tensor_meta`` when present.
     Writes: graph nodes; notes on the parts' records.
@@ -38,15 +41,19 @@ class RewireFusedConsumers(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         modified = False
-        for cat in list(graph.find_nodes(op="call_function", target=torch.cat)):
+        joins = [n for n in graph.nodes if n.op == "call_function" and n.target in (torch.cat, join_parts)]
+        for cat in joins:
             fused = _fused_join(graph_module, cat)
             if fused is None:
                 continue
-            parts, sizes = fused
+            parts, sizes, groups = fused
             for user in list(cat.users):
-                rewire = _SPLITTERS.get(op_of(user))
-                if rewire is not None and rewire(graph, user, cat, parts, sizes):
-                    modified = True
+                if groups > 1:
+                    rewired = op_of(user) in RESHAPE and _rewire_group_view(graph, user, cat, parts, sizes, groups)
+                else:
+                    rewire = _SPLITTERS.get(op_of(user))
+                    rewired = rewire is not None and rewire(graph, user, cat, parts, sizes)
+                modified |= rewired
             if not cat.users:
                 erase_if_dead(graph, cat)
                 continue
@@ -67,16 +74,20 @@ def _layer_node(part: fx.Node) -> fx.Node:
     return part
 
 
-def _fused_join(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node], list[int]] | None:
-    """The part outputs and sizes if ``cat`` joins all parts of one split layer along the last dim."""
+def _fused_join(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node], list[int], int] | None:
+    """The part outputs, sizes and groups if ``cat`` joins all parts of one split layer along the last dim."""
     tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
-    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if cat.target is join_parts:
+        dim, groups = -1, cat.args[1]
+    else:
+        dim, groups = (cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)), 1
     if not isinstance(tensors, (list, tuple)) or dim != -1:
         return None
     if all(t.op == "call_function" and t.target is fused_part for t in tensors):
         sources = {t.args[0] for t in tensors}
         sizes = list(tensors[0].args[2])
-        return (list(tensors), sizes) if len(sources) == 1 and [t.args[1] for t in tensors] == list(range(len(sizes))) else None
+        in_order = len(sources) == 1 and [t.args[1] for t in tensors] == list(range(len(sizes)))
+        return (list(tensors), sizes, groups) if in_order else None
     owners = []
     for t in tensors:
         module_node = t.args[0] if t.target is operator.getitem and t.args[1] == 0 else t
@@ -86,9 +97,9 @@ def _fused_join(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node], list[i
         owners.append((record.part_of, module_node.target))
     split = gm.get_submodule(owners[0][0])
     expected = [f"{owners[0][0]}.{name}" for name in split.part_names] if isinstance(split, SplitLinear) else None
-    if expected != [target for _, target in owners]:
+    if expected != [target for _, target in owners] or split.groups != groups:
         return None
-    return list(tensors), list(split.output_sizes)
+    return list(tensors), list(split.output_sizes), groups
 
 
 def _replace_indexed_users(graph: fx.Graph, node: fx.Node, by_index: list[fx.Node]) -> bool:
@@ -181,6 +192,72 @@ def _rewire_heads_reshape(graph: fx.Graph, user: fx.Node, cat: fx.Node, parts: l
                 node.meta.update(provenance(nxt))
             replacements.append(node)
     return _replace_indexed_users(graph, indexed, replacements)
+
+
+def _rewire_group_view(
+    graph: fx.Graph, view: fx.Node, join: fx.Node, parts: list[fx.Node], sizes: list[int], groups: int
+) -> bool:
+    """``join.view(*lead, KV, n_q + n_k + n_v, hd)`` read part by part on its second-to-last axis.
+
+    With ``KV == groups``, rows ``[a, b)`` of that axis covering part ``i``
+    are ``part_i.view(*lead, KV, n_i, hd)``: the part holds the same rows,
+    gathered from every group. Users taking one part by a slice, a one-item
+    list, an int (axis dropped), or a ``split`` at the part boundaries read
+    the part instead; others keep reading the view.
+    """
+    shape = shape_args(view)
+    total = sum(sizes)
+    tail = [static_int(v, {join: total}) for v in shape[-3:]]
+    if view.args[0] is not join or len(tail) < 3 or None in tail[1:] or tail[1] <= 0 or tail[2] <= 0:
+        return False
+    kv, per_group, head_dim = tail
+    if (kv if kv != -1 else total // (per_group * head_dim)) != groups or groups * per_group * head_dim != total:
+        return False
+    if any(s % (groups * head_dim) for s in sizes):
+        return False
+    counts = [s // (groups * head_dim) for s in sizes]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    lead, axis = shape[:-3], len(shape) - 2
+    made: dict[tuple[int, bool], fx.Node] = {}
+
+    def part_view(i: int, keep_axis: bool) -> fx.Node:
+        if (i, keep_axis) not in made:
+            with graph.inserting_before(view):
+                tail = (groups, counts[i], head_dim) if keep_axis else (groups, head_dim)
+                made[i, keep_axis] = graph.call_method(view.target if view.op == "call_method" else "reshape", (parts[i], *lead, *tail))
+                made[i, keep_axis].meta.update(provenance(view))
+        return made[i, keep_axis]
+
+    def part_of(selector) -> tuple[int, bool] | None:
+        """The part a selector on the group axis picks, and whether the axis stays."""
+        if isinstance(selector, list) and len(selector) == 1 and isinstance(selector[0], int):
+            selector = slice(selector[0] % per_group, selector[0] % per_group + 1)
+        if isinstance(selector, int):
+            i = next((i for i, s in enumerate(starts) if s == selector % per_group and counts[i] == 1), None)
+            return None if i is None else (i, False)
+        if isinstance(selector, slice) and selector.step in (None, 1):
+            span = tuple(range(per_group)[selector])
+            i = next((i for i, s in enumerate(starts) if span == tuple(range(s, s + counts[i]))), None)
+            return None if i is None else (i, True)
+        return None
+
+    rewired = False
+    for user in list(view.users):
+        if user.target is operator.getitem and user.args[0] is view and isinstance(user.args[1], tuple):
+            index = user.args[1]
+            if index and index[0] is Ellipsis:
+                index = (slice(None),) * (axis - len(index) + 2) + index[1:]
+            if len(index) < axis + 1 or any(s != slice(None) for i, s in enumerate(index) if i != axis):
+                continue
+            picked = part_of(index[axis])
+            if picked is not None:
+                user.replace_all_uses_with(part_view(*picked))
+                graph.erase_node(user)
+                rewired = True
+        elif split_sections(user, view, per_group, axis=(axis, -2)) == counts:
+            rewired |= _replace_indexed_users(graph, user, [part_view(i, True) for i in range(len(parts))])
+    erase_if_dead(graph, view)
+    return rewired
 
 
 _SPLITTERS = {

@@ -9,7 +9,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fx_shard.layers import SplitLinear
+from fx_shard.layers import SplitLinear, join_parts
 from fx_shard.passes.utils import provenance, result, set_submodule, shape_meta
 from fx_shard.sharding import SHARDING_KEY, ShardingRecord, sharding_of
 
@@ -31,7 +31,7 @@ def _is_fused(node: fx.Node) -> bool:
 
 
 class SplitFusedLinear(PassBase):
-    """Replace each fused layer's ``call_module`` node by one node per part plus a ``cat``.
+    """Replace each fused layer's ``call_module`` node by one node per part plus a ``cat`` (or ``join_parts``).
 
     The fused module becomes a ``SplitLinear`` (same ``state_dict`` keys); each
     part is column-parallel on its own, so every device holds its share of q,
@@ -52,7 +52,7 @@ class SplitFusedLinear(PassBase):
             names = part_names(record)
             if node.target not in split_modules:
                 fused = graph_module.get_submodule(node.target)
-                split_modules[node.target] = SplitLinear.from_fused(fused, names, record.output_sizes)
+                split_modules[node.target] = SplitLinear.from_fused(fused, names, record.output_sizes, record.groups)
                 set_submodule(graph_module, node.target, split_modules[node.target])
             self._rewrite(graph, node, names, split_modules[node.target])
         return result(graph_module, bool(fused_nodes))
@@ -67,17 +67,20 @@ class SplitFusedLinear(PassBase):
                 part = graph.call_module(f"{node.target}.{name}", node.args, node.kwargs)
                 part.meta.update(inherited)
                 part.meta[SHARDING_KEY] = dataclasses.replace(
-                    record, style="colwise", output_sizes=(), part_of=node.target,
+                    record, style="colwise", output_sizes=(), part_of=node.target, groups=1,
                     source=f"{record.style} part {name!r} ({record.source})",
                 )
                 parts.append(part)
             if split.return_bias:
                 outputs = [graph.call_function(operator.getitem, (p, 0)) for p in parts]
                 biases = [graph.call_function(operator.getitem, (p, 1)) for p in parts]
-                joined = (_cat(graph, outputs, inherited), _cat(graph, biases, inherited) if split.skip_bias_add else None)
+                joined = (
+                    _join(graph, outputs, inherited, split.groups),
+                    _join(graph, biases, inherited, split.groups) if split.skip_bias_add else None,
+                )
                 created += outputs + biases + [j for j in joined if j is not None]
             else:
-                joined = _cat(graph, parts, inherited)
+                joined = _join(graph, parts, inherited, split.groups)
         if isinstance(joined, tuple):
             _replace_tuple_uses(graph, node, joined)
         else:
@@ -89,10 +92,11 @@ class SplitFusedLinear(PassBase):
                 graph.erase_node(unused)
 
 
-def _cat(graph: fx.Graph, nodes: list[fx.Node], meta: dict) -> fx.Node:
-    cat = graph.call_function(torch.cat, (nodes, -1))
-    cat.meta.update(meta)
-    return cat
+def _join(graph: fx.Graph, nodes: list[fx.Node], meta: dict, groups: int) -> fx.Node:
+    """``torch.cat`` of the parts, or ``join_parts`` when the fused layout repeats per group."""
+    join = graph.call_function(torch.cat, (nodes, -1)) if groups == 1 else graph.call_function(join_parts, (nodes, groups))
+    join.meta.update(meta)
+    return join
 
 
 def _replace_tuple_uses(graph: fx.Graph, node: fx.Node, joined: tuple[fx.Node, fx.Node | None]) -> None:

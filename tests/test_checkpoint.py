@@ -53,9 +53,9 @@ def test_original_checkpoint_loads_into_transformed_model(name):
 def test_split_parts_map_to_their_rows_of_the_fused_tensor():
     _, gm = transformed("gpt2")
     parts = _split_parts(gm)
-    k = _Location("transformer.h.0.attn.c_attn.k.weight", "transformer.h.0.attn.c_attn.weight", (192, 64), 0, 64)
+    k = _Location("transformer.h.0.attn.c_attn.k.weight", "transformer.h.0.attn.c_attn.weight", (192, 64), 0, 64, 64)
     assert parts[k.name] == k
-    v = _Location("transformer.h.1.attn.c_attn.v.bias", "transformer.h.1.attn.c_attn.bias", (192,), 0, 128)
+    v = _Location("transformer.h.1.attn.c_attn.v.bias", "transformer.h.1.attn.c_attn.bias", (192,), 0, 128, 64)
     assert parts[v.name] == v
     assert len(parts) == 2 * 3 * 2  # 2 blocks, q/k/v, weight and bias
 
@@ -140,5 +140,5 @@ def test_conv1d_parts_sit_along_the_fused_columns():
     inputs = (torch.randn(1, 5, 32),)
     gm = fx_shard.transform(Attention(), {"c_attn": "qkv"}, mesh_shape={"tp": 4}, example_inputs=inputs)
     parts = _split_parts(gm)
-    assert parts["c_attn.k.weight"] == _Location("c_attn.k.weight", "c_attn.weight", (32, 96), 1, 32)
-    assert parts["c_attn.v.bias"] == _Location("c_attn.v.bias", "c_attn.bias", (96,), 0, 64)
+    assert parts["c_attn.k.weight"] == _Location("c_attn.k.weight", "c_attn.weight", (32, 96), 1, 32, 32)
+    assert parts["c_attn.v.bias"] == _Location("c_attn.v.bias", "c_attn.bias", (96,), 0, 64, 32)

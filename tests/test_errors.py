@@ -19,12 +19,18 @@ def test_heads_not_divisible_in_an_explicit_plan():
         fx_shard.transform(model, plan, mesh_shape={"tp": 4}, example_inputs=(torch.randn(2, 5, 48),))
 
 
-def test_auto_replicates_heads_that_do_not_divide_and_says_so():
-    model = seeded(GQAttention, dim=48, heads=6, kv_heads=6)
+@pytest.mark.parametrize(("heads", "spec", "outcome"), [
+    (6, ("tp:2", None), "sharded over ('tp:2',) (2) only, blocks of consecutive devices sharing a piece"),
+    (3, None, "replicated"),
+])
+def test_auto_keeps_heads_whole_and_says_so(heads, spec, outcome):
+    model = seeded(GQAttention, dim=48, heads=heads, kv_heads=heads)
     gm = fx_shard.transform(model, "auto", mesh_shape={"tp": 4}, example_inputs=(torch.randn(2, 5, 48),))
     record = next(n.meta["sharding"] for n in gm.graph.find_nodes(op="call_module") if n.target == "q_proj")
-    assert record.style == "replicate"
-    assert record.notes == ("6 heads (head_dim 8) do not divide mesh axes ('tp',) (4): replicated, so attention needs no collective",)
+    assert record.specs.get("weight") == spec
+    assert record.notes == (
+        f"{heads} heads (head_dim {48 // heads}) do not divide mesh axes ('tp',) (4): {outcome}, so attention needs no collective",
+    )
 
 
 def test_features_not_divisible():

@@ -24,7 +24,7 @@ from fx_shard.passes import (
 )
 from fx_shard.plan import ShardPlan
 from fx_shard.sharding import SHARDING_KEY, sharding_of
-from tests.toy import FusedAttention, GQAttention, GroupedQKV, HeadsAttention, VllmBlock, seeded
+from tests.toy import FalconQKV, FusedAttention, GQAttention, GroupedQKV, HeadsAttention, VllmBlock, seeded
 
 
 def annotated(model: nn.Module, plan=None) -> fx.GraphModule:
@@ -219,22 +219,42 @@ def test_attention_to_einsum_leaves_other_graphs_alone():
     assert not AttentionToEinsum()(gm).modified and gm.code == code
 
 
-@pytest.mark.parametrize(("devices", "replicated"), [(2, []), (4, ["k_proj", "v_proj"]), (8, ["k_proj", "v_proj"])])
-def test_fit_heads_replicates_on_a_1d_mesh(devices, replicated):
-    gm = capture(seeded(GQAttention))
+@pytest.mark.parametrize(("devices", "kv_heads", "kv_axis"), [(2, 2, "tp"), (4, 2, "tp:2"), (8, 2, "tp:2"), (4, 1, None)])
+def test_fit_heads_on_a_1d_mesh_shards_kv_over_device_blocks(devices, kv_heads, kv_axis):
+    gm = capture(seeded(GQAttention, kv_heads=kv_heads))
     plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
     AnnotateSharding(ShardPlan(plan).resolve(linear_like_modules(gm), {"tp": devices}, "tp"))(gm)
-    assert FitHeadsToMesh({"tp": devices})(gm).modified == bool(replicated)
+    assert FitHeadsToMesh({"tp": devices})(gm).modified == (kv_axis != "tp")
     records = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module")}
-    assert sorted(t for t, r in records.items() if r.style == "replicate") == replicated
-    for target in replicated:
-        assert records[target].specs == {}
-        assert records[target].notes == (
-            f"2 heads (head_dim 4) do not divide mesh axes ('tp',) ({devices}): replicated, so attention needs no collective",
-        )
-    assert records["q_proj"].style == "colwise"
+    assert records["q_proj"].specs == {"weight": ("tp", None)}
+    what = f"{kv_heads} heads (head_dim 4) do not divide mesh axes ('tp',) ({devices})"
+    for target in ("k_proj", "v_proj"):
+        if kv_axis is None:  # one KV head shares no factor with the mesh: replicated
+            assert (records[target].style, records[target].specs) == ("replicate", {})
+            assert records[target].notes == (f"{what}: replicated, so attention needs no collective",)
+        else:  # each KV head on the block of consecutive devices that holds its q heads
+            assert records[target].specs == {"weight": (kv_axis, None)}
+            if kv_axis != "tp":
+                assert records[target].notes == (
+                    f"{what}: sharded over ('tp:2',) (2) only, blocks of consecutive devices sharing a piece, "
+                    "so attention needs no collective",
+                )
     code = gm.code
     assert not FitHeadsToMesh({"tp": devices})(gm).modified and gm.code == code
+
+
+def test_fitting_axes_takes_whole_axes_then_a_block_of_the_next():
+    from fx_shard.sharding import axis_size, fitting_axes, local_shape
+
+    assert fitting_axes(("tp",), 8, {"tp": 8}) == ("tp",)
+    assert fitting_axes(("tp",), 2, {"tp": 8}) == ("tp:2",)
+    assert fitting_axes(("tp",), 6, {"tp": 8}) == ("tp:2",)  # the largest block count both divide
+    assert fitting_axes(("tp",), 3, {"tp": 8}) == ()
+    assert fitting_axes(("tp",), 2, {"tp": 8}, partial=False) == ()
+    assert fitting_axes(("kv", "tp"), 2, {"kv": 2, "tp": 4}) == ("kv",)
+    assert fitting_axes(("kv", "tp"), 4, {"kv": 2, "tp": 4}) == ("kv", "tp:2")
+    assert axis_size({"kv": 2, "tp": 8}, ("kv", "tp:2")) == 4
+    assert local_shape((16, 64), ("tp:2", None), {"tp": 8}) == (8, 64)
 
 
 def test_fit_heads_shards_kv_over_the_kv_axis_of_a_2d_mesh():
@@ -344,24 +364,95 @@ def test_interleave_keeps_fused_layers_one_matmul(name):
         torch.testing.assert_close(value, expected_sd[key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("tp", "style"), [(2, "qkv"), (4, "replicate")])
-def test_keep_grouped_fused_qkv(tp, style):
-    model, x = seeded(GroupedQKV), torch.randn(2, 5, 64)
-    gm = capture(copy.deepcopy(model))
+def grouped_annotated(model: nn.Module, x: torch.Tensor, tp: int) -> fx.GraphModule:
     from fx_shard.capture import propagate_shapes
 
+    gm = capture(copy.deepcopy(model))
     propagate_shapes(gm, (x,))
     plan = {"qkv": {"style": "qkv", "num_heads": 8, "num_kv_heads": 2}, "dense": "rowwise"}
     AnnotateSharding(ShardPlan(plan).resolve(linear_like_modules(gm), {"tp": tp}, "tp"))(gm)
+    return gm
+
+
+def test_keep_grouped_fused_qkv_when_whole_groups_fit():
+    model, x = seeded(GroupedQKV), torch.randn(2, 5, 64)
+    gm = grouped_annotated(model, x, tp=2)
     code = gm.code
-    assert KeepGroupedFused({"tp": tp})(gm).modified
+    assert KeepGroupedFused({"tp": 2})(gm).modified
     assert gm.code == code  # records only: the graph keeps its own layout
     record = sharding_of(next(n for n in gm.graph.find_nodes(op="call_module") if n.target == "qkv"))
-    assert record.style == style
-    # Split leaves the layer alone either way; the function is unchanged.
+    assert (record.style, record.interleaved, record.specs) == ("qkv", True, {"weight": ("tp", None)})
     assert not SplitFusedLinear()(gm).modified
     torch.testing.assert_close(gm(x), model(x))
-    assert not KeepGroupedFused({"tp": tp})(gm).modified
+    assert not KeepGroupedFused({"tp": 2})(gm).modified
+
+
+@pytest.mark.parametrize("layout", [GroupedQKV, FalconQKV])
+@pytest.mark.parametrize("tp", [4, 8])
+def test_grouped_qkv_with_fewer_groups_than_devices_is_split_by_group(layout, tp):
+    model, x = seeded(layout), torch.randn(2, 5, 64)
+    gm = grouped_annotated(model, x, tp)
+    code = gm.code
+    assert KeepGroupedFused({"tp": tp})(gm).modified and gm.code == code
+    record = sharding_of(next(n for n in gm.graph.find_nodes(op="call_module") if n.target == "qkv"))
+    assert (record.style, record.groups, record.interleaved) == ("qkv", 2, False)
+    assert SplitFusedLinear()(gm).modified
+    assert call_targets(gm) == ["qkv.q", "qkv.k", "qkv.v", "dense"]
+    split = gm.get_submodule("qkv")
+    # q gathers group 0's 4 heads then group 1's; k (and v) one head per group. hd = 8, per group 6 heads of rows.
+    fused = model.qkv.weight
+    torch.testing.assert_close(split.q.weight, torch.cat([fused[0:32], fused[48:80]]), rtol=0, atol=0)
+    torch.testing.assert_close(split.k.weight, torch.cat([fused[32:40], fused[80:88]]), rtol=0, atol=0)
+    torch.testing.assert_close(split.v.weight, torch.cat([fused[40:48], fused[88:96]]), rtol=0, atol=0)
+    torch.testing.assert_close(gm(x), model(x))
+    assert RewireFusedConsumers()(gm).modified
+    from fx_shard.layers import join_parts
+
+    assert not gm.graph.find_nodes(op="call_function", target=join_parts)  # every read goes to the parts
+    gm.graph.lint()
+    torch.testing.assert_close(gm(x), model(x))
+    assert FitHeadsToMesh({"tp": tp})(gm).modified
+    records = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module")}
+    assert records["qkv.q"].specs == {"weight": ("tp", None)}
+    assert records["qkv.k"].specs == records["qkv.v"].specs == {"weight": ("tp:2", None)}
+    assert list(gm.state_dict()) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(gm.state_dict()[key], value, rtol=0, atol=0)
+    torch.manual_seed(1)
+    other = grouped_annotated(layout().eval(), x, tp)
+    for p in (KeepGroupedFused({"tp": tp}), SplitFusedLinear()):
+        p(other)
+    other.load_state_dict(model.state_dict())  # the fused checkpoint splits by group again
+    torch.testing.assert_close(other(x), model(x))
+
+
+def test_grouped_split_keeps_the_join_for_unknown_consumers():
+    class Odd(GroupedQKV):
+        def forward(self, x):
+            B, N, C = x.shape
+            qkv = self.qkv(x).view(B, N, self.kv, self.g + 2, self.hd)
+            return self.dense(qkv[:, :, :, 1:5].reshape(B, N, C))  # rows across the q/k boundary
+
+    model, x = seeded(Odd), torch.randn(2, 5, 64)
+    gm = grouped_annotated(model, x, tp=4)
+    for p in (KeepGroupedFused({"tp": 4}), SplitFusedLinear(), RewireFusedConsumers()):
+        p(gm)
+    from fx_shard.layers import join_parts
+
+    assert len(gm.graph.find_nodes(op="call_function", target=join_parts)) == 1
+    assert "consumer not recognised" in sharding_of(next(n for n in gm.graph.nodes if n.target == "qkv.q")).notes[-1]
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_join_and_split_parts_are_inverse():
+    from fx_shard.layers import join_parts, split_parts
+
+    fused = torch.arange(2 * 12 * 3).reshape(2, 12, 3)
+    for dim in (1, -2):
+        parts = split_parts(fused, [8, 2, 2], groups=2, dim=dim)
+        assert [p.shape[1] for p in parts] == [8, 2, 2]
+        assert torch.equal(parts[1], torch.cat([fused[:, 4:5], fused[:, 10:11]], 1))
+        assert torch.equal(join_parts(parts, groups=2, dim=dim), fused)
 
 
 def test_keep_grouped_fused_ignores_contiguous_layouts():

@@ -88,31 +88,31 @@ def test_per_device_shapes_follow_the_spec():
     embed = layers["model.embed_tokens"]["parameters"][0]
     assert (embed["spec"], embed["per_device_shape"]) == (["tp", None], [32, 64])
     k = layers["model.layers.0.self_attn.k_proj"]
-    # 2 KV heads on 8 devices: replicated by FitHeadsToMesh, which says why.
-    assert k["style"] == "replicate" and not k["sharded"] and k["parameters"][0]["per_device_shape"] == [16, 64]
-    assert any("do not divide" in note for note in k["notes"])
+    # 2 KV heads on 8 devices: over 2 blocks of 4 devices (FitHeadsToMesh, which says why).
+    assert (k["parameters"][0]["spec"], k["parameters"][0]["per_device_shape"]) == (["tp:2", None], [8, 64])
+    assert k["sharded"] and any("do not divide" in note for note in k["notes"])
 
 
 def test_llama_parameter_bytes_by_arithmetic():
     c = models.make_config("llama")
     h, i, v, kv = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_key_value_heads * c.head_dim
     n = c.num_hidden_layers
-    sharded = 2 * v * h + n * (h * h + h * h + 3 * i * h)  # embed, lm_head; q, o, gate, up, down
-    replicated = n * 2 * kv * h  # k, v: 2 KV heads do not divide 8 devices
+    sharded = 2 * v * h + n * (h * h + h * h + 3 * i * h)  # embed, lm_head; q, o, gate, up, down: over all 8
+    by_kv_head = n * 2 * kv * h  # k, v: 2 KV heads, each on a block of 4 devices ("tp:2")
     unplanned = n * 2 * h + h  # RMSNorm weights
     data = report_data(transformed("llama"))
     b = data["costs"]["parameter_bytes"]
     rows = {r["parameters"]: r for r in b["rows"]}
-    assert rows["sharded"]["total"] == sharded * F32
-    assert rows["sharded"]["per_device"] == rows["sharded"]["per_device_ideal"] == sharded * F32 // TP
-    assert rows["replicated by the plan"]["per_device"] == replicated * F32
+    assert rows["sharded"]["total"] == (sharded + by_kv_head) * F32
+    assert rows["sharded"]["per_device"] == rows["sharded"]["per_device_ideal"] == (sharded // TP + by_kv_head // 2) * F32
+    assert rows["replicated by the plan"]["per_device"] == 0
     assert rows["in no planned layer"]["per_device"] == unplanned * F32
-    assert b["total"] == (sharded + replicated + unplanned) * F32 == 410_880
-    assert b["per_device"] == b["per_device_ideal"] == (sharded // TP + replicated + unplanned) * F32 == 66_816
+    assert b["total"] == (sharded + by_kv_head + unplanned) * F32 == 410_880
+    assert b["per_device"] == b["per_device_ideal"] == (sharded // TP + by_kv_head // 2 + unplanned) * F32 == 58_624
     assert (b["total"], b["per_device"], b["per_device_ideal"]) == parameter_bytes(transformed("llama"))
     assert data["summary"]["parameter_bytes_per_device"] == b["per_device"]
     text = fx_shard.report(transformed("llama"))
-    assert re.search(r"^all\s+\d+\s+410,880 B \(401\.2 KiB\)\s+66,816 B \(65\.2 KiB\)\s+66,816 B", text, flags=re.M), text
+    assert re.search(r"^all\s+\d+\s+410,880 B \(401\.2 KiB\)\s+58,624 B \(57\.2 KiB\)\s+58,624 B", text, flags=re.M), text
 
 
 def test_gpt2_counts_the_tied_lm_head_once():

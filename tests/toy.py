@@ -131,3 +131,17 @@ class GroupedQKV(nn.Module):
         v = qkv[:, :, :, self.g + 1].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.dense(out.transpose(1, 2).reshape(B, N, C))
+
+
+class FalconQKV(GroupedQKV):
+    """Hugging Face Falcon's split of the same layout: ``view(B, N, -1, G + 2, hd)``, ``[..., :-2]``, ``[[-2]]``, broadcast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, -1, self.g + 2, self.hd)
+        q = qkv[:, :, :, :-2]
+        k = torch.broadcast_to(qkv[:, :, :, [-2]], q.shape)
+        v = torch.broadcast_to(qkv[:, :, :, [-1]], q.shape)
+        q, k, v = (t.flatten(2, 3).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.dense(out.transpose(1, 2).reshape(B, N, C))

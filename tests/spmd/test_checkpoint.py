@@ -174,6 +174,28 @@ def test_load_sharded_conv1d_parts_read_their_columns(mesh, devices, tmp_path):
         assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("source", ["safetensors", "state_dict"])
+def test_load_sharded_grouped_qkv_parts_read_every_group(source, mesh, devices, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.toy import GroupedQKV, seeded
+
+    model, x = seeded(GroupedQKV), torch.randn(2, 5, 64)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    plan = {"qkv": {"style": "qkv", "num_heads": 8, "num_kv_heads": 2}, "dense": "rowwise"}
+    with torch.device("meta"):
+        meta = GroupedQKV()
+    gm = fx_shard.transform(meta, plan, mesh_shape={"tp": devices}, example_inputs=(x,))
+    load_sharded(gm, tmp_path / "model.safetensors" if source == "safetensors" else model.state_dict(), mesh)
+    assert specs_by_name(gm) == specs_by_name(fx_shard.shard(model, mesh, plan, example_inputs=(x,)))
+    if devices > 2:  # split by group: k holds row block [32, 40) of group 0 and [80, 88) of group 1
+        assert local_shapes(gm.get_submodule("qkv.k").weight) == {(8, 64)}
+    with torch.no_grad():
+        assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(gm.state_dict()[key].cpu(), value, rtol=0, atol=0, msg=key)
+
+
 def test_shard_indices_are_xlas(devices):
     import torch_xla
     import torch_xla.distributed.spmd as xs
@@ -183,9 +205,11 @@ def test_shard_indices_are_xlas(devices):
     local = [int(d.split(":")[-1]) for d in torch_xla._XLAC._xla_get_runtime_devices()]
     cases = [((8, 6), ("tp", None)), ((8, 6), (None, "kv")), ((8, 6), ("kv", "tp")), ((8, 6), (("kv", "tp"), None)),
              ((6, 4), (("tp", "kv"), None)), ((7, 3), ("kv", None))]
+    if devices >= 4:  # sub-axes: 2 blocks of consecutive devices along an axis
+        cases += [((8, 6), ("tp:2", None)), ((8, 6), (None, ("kv", "tp:2"))), ((6, 4), ("kv", "tp:2"))]
     for shape, spec in cases:
         tensor = torch.zeros(shape).to(fx_shard.xla_device())
-        xs.mark_sharding(tensor, mesh, spec)
+        fx_shard.xla.mark(tensor, mesh, spec)
         xla = torch_xla._XLAC._get_local_shard_replica_and_indices([tensor])[0]
         ours = shard_indices(shape, spec, mesh)
         for device, (_, index) in zip(local, xla):

@@ -41,15 +41,18 @@ def test_gqa_keeps_q_sharded_and_parameter_bytes_ideal(name, mesh, devices):
     records = {n.target: n.meta[SHARDING_KEY] for n in gm.graph.find_nodes(op="call_module") if SHARDING_KEY in n.meta}
     q = next(r for t, r in records.items() if t.endswith(("q_proj", "qkv_proj.q")))
     assert q.style == "colwise" and q.specs["weight"] == ("tp", None)
-    kv = [r for t, r in records.items() if t.endswith(("k_proj", "v_proj", "qkv_proj.k", "qkv_proj.v"))]
-    # 2 KV heads: sharded on 2 devices, replicated (with the reason) on 4 and 8.
-    assert {r.style for r in kv} == ({"colwise"} if devices == 2 else {"replicate"})
+    kv = {t: r for t, r in records.items() if t.endswith(("k_proj", "v_proj", "qkv_proj.k", "qkv_proj.v"))}
+    # 2 KV heads: over all devices on 2; on 4 and 8 over "tp:2", the two blocks of devices whose q heads use them.
+    assert {r.specs["weight"] for r in kv.values()} == {("tp" if devices == 2 else "tp:2", None)}
+    assert {shape for t in kv for shape in local_shapes(gm.get_submodule(t).weight)} == {(8, 64)}
+    assert counts.nonzero() == {"all-reduce": expected_all_reduces(name, 2)}
     total, per_device, ideal = parameter_bytes(gm)
-    assert counts.parameter_bytes == per_device
-    assert abs(counts.parameter_bytes - ideal) <= 0.02 * ideal
+    assert counts.parameter_bytes == per_device == ideal
+    kv_bytes = sum(gm.get_submodule(t).weight.numel() * 4 for t in kv)
     sharded = {id(p): p for t, r in records.items() for n, p in gm.get_submodule(t).named_parameters() if n in r.specs}
     sharded_bytes = sum(p.numel() * p.element_size() for p in sharded.values())
-    assert ideal == sharded_bytes // devices + (total - sharded_bytes)
+    blocks = min(devices, 2)
+    assert ideal == (sharded_bytes - kv_bytes) // devices + kv_bytes // blocks + (total - sharded_bytes)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-vllm"])
@@ -125,19 +128,29 @@ def test_fused_layers_kept_fused_reach_the_optimum_too(name, mesh):
         assert relative_error(gm(*(t.to(fx_shard.xla_device()) for t in inputs)), model(*inputs)) <= 1e-5
 
 
-def test_qkv_laid_out_per_kv_group_needs_no_collective(mesh, devices):
-    from tests.toy import GroupedQKV, seeded
+@pytest.mark.parametrize("layout", ["GroupedQKV", "FalconQKV"])
+@pytest.mark.parametrize("kv_mesh", [False, True])
+def test_qkv_laid_out_per_kv_group_needs_no_collective(layout, kv_mesh, mesh, devices):
+    import tests.toy
 
-    model, x = seeded(GroupedQKV), torch.randn(2, 5, 64)
+    model, x = tests.toy.seeded(getattr(tests.toy, layout)), torch.randn(2, 5, 64)
     plan = {"qkv": {"style": "qkv", "num_heads": 8, "num_kv_heads": 2}, "dense": "rowwise"}
+    mesh = fx_shard.make_mesh(kv=2) if kv_mesh else mesh
     gm = fx_shard.shard(model, mesh, plan, example_inputs=(x,))
-    if devices == 2:  # 2 KV groups over 2 devices: whole groups each, one all-reduce after the dense
-        assert dict(collectives(gm, x)) == {"all-reduce": 1, **ZERO}
-    else:  # fewer groups than devices: replicated, correct but not yet optimal (docs/usage.md)
-        qkv = next(n.meta[SHARDING_KEY] for n in gm.graph.find_nodes(op="call_module") if n.target == "qkv")
-        assert qkv.style == "replicate" and "groups do not split" in qkv.notes[-1]
+    # One all-reduce after the dense, nothing else: whole groups per device on 2 devices (kept fused),
+    # on more devices q split by heads and k/v by group (split from every group's rows).
+    assert dict(collectives(gm, x)) == {"all-reduce": 1, **ZERO}
+    layers = {n.target for n in gm.graph.find_nodes(op="call_module")}
+    if devices == 2:
+        assert layers == {"qkv", "dense"}
+        assert local_shapes(gm.get_submodule("qkv").weight) == {(48, 64)}
+    else:
+        assert layers == {"qkv.q", "qkv.k", "qkv.v", "dense"}
+        assert local_shapes(gm.get_submodule("qkv.q").weight) == {(64 // devices, 64)}
+        assert local_shapes(gm.get_submodule("qkv.k").weight) == {(8, 64)}
     with torch.no_grad():
         assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
+    assert torch.equal(gm.state_dict()["qkv.weight"].cpu(), model.qkv.weight)
 
 
 def test_auto_plan_on_a_model_with_unusual_names(mesh):

@@ -150,9 +150,9 @@ def test_backend_on_hugging_face_llama(mesh, devices):
     (captured,) = shard_backend.graphs
     expected = {path: (r.style, dict(r.specs)) for path, r, pname, _ in layer_parameters(root) if pname == "weight"}
     assert records(captured) == expected
-    # 2 KV heads: k/v sharded on 2 devices, replicated (with the reason) on 4 and 8, as shard does.
+    # 2 KV heads: k/v over all devices on 2, over the blocks "tp:2" on 4 and 8, as shard does.
     kv = [n.meta[SHARDING_KEY] for n in captured.graph.find_nodes(op="call_module") if n.target.endswith(("k_proj", "v_proj"))]
-    assert {r.style for r in kv} == ({"colwise"} if devices == 2 else {"replicate"})
+    assert {r.specs["weight"] for r in kv} == {("tp" if devices == 2 else "tp:2", None)}
     steps = [hf_inputs(batch=BACKEND_BATCH) | {"input_ids": torch.randint(0, 256, (BACKEND_BATCH, 16),
                                                                           generator=torch.Generator().manual_seed(s))}
              for s in range(1, STEPS + 1)]

@@ -29,10 +29,11 @@ def test_decoders_with_their_own_plans(name, mesh, devices):
         assert relative_error(root(**on_device(kwargs)).logits, model(**kwargs).logits) <= 1e-4
     matrices = [(path, record) for path, record, pname, p in layer_parameters(root) if pname == "weight" and ".layers." in path]
     assert len(matrices) == 14
-    unsharded = [(path, record) for path, record in matrices if not record.specs]
-    # Every decoder matrix is sharded, or replicated with the reason: 2 KV heads do not split 4 or 8 ways.
-    assert all(path.endswith(("k_proj", "v_proj")) and record.notes for path, record in unsharded)
-    assert len(unsharded) == (0 if devices == 2 else 4)
+    # Every decoder matrix is sharded; k/v (2 KV heads, which do not split 4 or 8 ways) over "tp:2",
+    # each KV head on the block of devices holding its q heads, with the reason.
+    kv = {record.specs["weight"] for path, record in matrices if path.endswith(("k_proj", "v_proj"))}
+    assert all(record.specs for _, record in matrices)
+    assert kv == {("tp" if devices == 2 else "tp:2", None)}
 
 
 def test_decoder_on_a_kv_mesh_shards_every_matrix(devices):
