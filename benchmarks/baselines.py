@@ -5,7 +5,9 @@
 - ``seed``: vLLM's ``shard_model`` way: fused layers split into parts whose
   outputs are concatenated again (``SplitFusedLinear`` alone), attention as
   the model wrote it.
-- ``fx_shard``: the full pipeline (``fx_shard.shard``).
+- ``fx_shard``: the full pipeline (``fx_shard.shard``), fused layers split.
+- ``interleave``: the same with ``fused="interleave"``: fused layers kept one
+  matmul, their rows reordered so each device's slice holds its part of each.
 
 The step-time benchmark adds two that shard nothing themselves:
 
@@ -33,7 +35,9 @@ from fx_shard.xla import materialize, mesh_shape_of, to_device_keeping_ties
 
 STRATEGIES = ("fused", "seed", "fx_shard")
 #: Everything the step-time benchmark compares; ``auto`` needs a runtime of its own.
-ALL_STRATEGIES = ("replicated", "seed", "fused", "auto", "fx_shard")
+ALL_STRATEGIES = ("replicated", "seed", "fused", "auto", "fx_shard", "interleave")
+#: The strategies that are ``fx_shard.shard`` itself, with the ``fused`` argument each passes.
+FX_SHARD_FUSED = {"fx_shard": "split", "interleave": "interleave"}
 
 
 def start_runtime(devices: int, auto: bool = False) -> int:
@@ -63,8 +67,8 @@ def place(strategy: str, model: nn.Module, mesh, plan: dict, example_inputs: tup
 
 def shard_with(strategy: str, model: nn.Module, mesh, plan: dict, example_inputs: tuple) -> fx.GraphModule:
     """``model`` sharded on ``mesh`` the way ``strategy`` does it."""
-    if strategy == "fx_shard":
-        return fx_shard.shard(model, mesh, plan, example_inputs=example_inputs)
+    if strategy in FX_SHARD_FUSED:
+        return fx_shard.shard(model, mesh, plan, example_inputs=example_inputs, fused=FX_SHARD_FUSED[strategy])
     mesh_shape = mesh_shape_of(mesh)
     axis = resolve_tp_axis(mesh_shape)
     gm = capture(copy.deepcopy(model))

@@ -68,7 +68,7 @@ def write(rows: list[dict], out: Path) -> None:
         "- `fused`: fused QKV / gate_up weights sharded as one column-parallel weight, no rewriting.\n"
         "- `seed`: vLLM's `shard_model` way: q/k/v (gate/up) split, outputs concatenated again.\n"
         "- `fx_shard`: `fx_shard.shard`: split, consumers rewired past the concatenation, attention as einsum,\n"
-        "  k/v replicated when the KV heads do not divide the mesh axis.\n\n"
+        "  k/v sharded by KV head over blocks of devices (tp:2) when the KV heads do not divide the mesh axis.\n\n"
         "The optimum for Megatron-style tensor parallelism is 2 all-reduces per block and nothing else.\n"
         "`llama` has no fused layer, so `fused` and `seed` are the same there: what they lack is the attention rewrite\n"
         "and the grouped-query handling.\n\n"
