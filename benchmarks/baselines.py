@@ -7,7 +7,8 @@
   the model wrote it.
 - ``fx_shard``: the full pipeline (``fx_shard.shard``), fused layers split.
 - ``interleave``: the same with ``fused="interleave"``: fused layers kept one
-  matmul, their rows reordered so each device's slice holds its part of each.
+  matmul, their rows reordered so each device's slice holds its part of each,
+  and sibling column-parallel layers of one input computed as one matmul.
 
 The step-time benchmark adds two that shard nothing themselves:
 

@@ -10,9 +10,9 @@ split, outputs concatenated), ``fused`` (fused weights sharded as one), ``auto``
 (torch_xla's auto-sharding, ``xr.use_spmd(auto=True)``, in a process of its
 own), ``fx_shard`` (``fx_shard.shard``, fused layers split), ``interleave``
 (``fx_shard.shard(..., fused="interleave")``: fused QKV / gate_up layers kept
-one matmul, rows reordered per device). ``interleave`` only differs from
-``fx_shard`` on models with fused layers (llama-vllm, gpt2, vit), so it is not
-run on ``llama`` nor on 1 device; ``--quick`` runs it on gpt2 at 8 devices. Modes:
+one matmul, rows reordered per device, and separate q/k/v or gate/up layers
+computed as one matmul, ``FuseSiblingLinears``); not run on 1 device, where it
+is ``fx_shard`` again. Modes:
 ``inference`` (forward under ``no_grad``) and ``training`` (forward,
 cross-entropy, backward, AdamW step), the latter only for models with
 trainable parameters.
@@ -99,11 +99,11 @@ OVERRIDES = {"default": {}, "large": LARGE, "xl": XL}
 INPUT_SHAPES = {"default": dict(batch=2, seq_len=16), "large": dict(batch=4, seq_len=64),
                 "xl": dict(batch=4, seq_len=64)}
 
-# Models with fused QKV (and gate_up) layers: the only ones where "interleave" is not "fx_shard" again.
+# Models with fused QKV (and gate_up) layers.
 FUSED_QKV = ("llama-vllm", "gpt2", "vit")
 
 # --quick: llama and gpt2 at the default size; 1 device with replicated only (every strategy is the same
-# program there), 8 devices with all strategies ("interleave" on gpt2 only, the quick set's fused model).
+# program there), 8 devices with all strategies.
 QUICK = dict(devices=(1, 8), models=("llama", "gpt2"), sizes=("default",), steps=5, warmup=1,
              one_device_strategies=("replicated",))
 OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -474,15 +474,15 @@ def worker(spec: dict) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def differs(strategy: str, model: str, devices: int) -> bool:
-    """Whether ``strategy`` on ``model`` is a program of its own: ``interleave`` is ``fx_shard`` again
-    on a model without fused layers or on one device, so it is not run there (saves a compile and the timed steps)."""
-    return strategy != "interleave" or (model in FUSED_QKV and devices > 1)
+def differs(strategy: str, devices: int) -> bool:
+    """Whether ``strategy`` is a program of its own: ``interleave`` is ``fx_shard`` again on one device,
+    so it is not run there (saves a compile and the timed steps)."""
+    return strategy != "interleave" or devices > 1
 
 
 def plan_items(devices, strategies, model_names, sizes, modes, one_device_strategies=None) -> list[Item]:
     return [Item(d, s, m, z, mode) for d in devices for s in strategies for m in model_names for z in sizes
-            for mode in modes if has_size(m, z) and differs(s, m, d)
+            for mode in modes if has_size(m, z) and differs(s, d)
             and (d > 1 or not one_device_strategies or s in one_device_strategies)]
 
 
@@ -724,9 +724,12 @@ def acceptance(rows: list[dict], pass_result: dict | None) -> list[dict]:
         fx = idx.get(("llama", largest, devs, "fx_shard", mode))
         rep = idx.get(("llama", largest, devs, "replicated", mode))
         one = idx.get(("llama", largest, 1, "replicated", mode))
+        inter = idx.get(("llama", largest, devs, "interleave", mode))
         if fx and rep:
             ratio = fx["step_s_median"] / rep["step_s_median"]
             extra = f"; vs replicated on 1 device: {fx['step_s_median'] / one['step_s_median']:.2f}" if one else ""
+            if inter:
+                extra += f"; with `fused=\"interleave\"`: {inter['step_s_median'] / rep['step_s_median']:.3f}"
             out.append({"id": "step", "goal": f"llama {largest}, {mode}, {devs} devices: fx_shard step ≤ 1.25/8 (0.156) of replicated",
                         "measured": f"{ratio:.3f} ({1000 * fx['step_s_median']:.1f} / {1000 * rep['step_s_median']:.1f} ms){extra}",
                         "met": ratio <= STEP_GOAL,
@@ -896,7 +899,7 @@ def fused_reading(idx: dict, devs: int, mode: str) -> str | None:
                      f"{_total(inter)} vs {_total(split)})")
     if not parts:
         return None
-    return (f"**interleave vs fx_shard (split), {mode}, {devs} devices**: keeping fused layers one matmul "
+    return (f"**interleave vs fx_shard (split), {mode}, {devs} devices**: one matmul per input "
             f"{'; '.join(parts)}.")
 
 
@@ -1033,8 +1036,8 @@ def doc(result: dict) -> str:
               "sharded as one column-parallel weight), `auto` (torch_xla's auto-sharding, `xr.use_spmd(auto=True)`, "
               "its own process; `XLA_AUTO_SPMD_MESH` unset, so the mesh is (N, 1)), `fx_shard` (`fx_shard.shard` with "
               "`PLANS[model]`, fused layers split), `interleave` (the same with `fused=\"interleave\"`: fused QKV / "
-              "gate_up layers kept one matmul, rows reordered per device; run only on the models with fused layers, "
-              f"{', '.join(FUSED_QKV)}). Float32. Training = forward, cross-entropy, backward, AdamW step; `llama-vllm` is "
+              "gate_up layers kept one matmul, rows reordered per device, and separate q/k/v or gate/up layers of one "
+              "input computed as one matmul, `FuseSiblingLinears`; 2 or more devices). Float32. Training = forward, cross-entropy, backward, AdamW step; `llama-vllm` is "
               "inference only (its vLLM-style layers hold `requires_grad=False` weights).",
               "",
               tabulate([[z, ", ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in OVERRIDES[z].get(m, {}).items()) or 'defaults'}"

@@ -16,6 +16,7 @@ from fx_shard.passes import (
     AnnotateSharding,
     AttentionToEinsum,
     FitHeadsToMesh,
+    FuseSiblingLinears,
     InsertShardingConstraints,
     InterleaveFusedLinear,
     KeepGroupedFused,
@@ -61,7 +62,9 @@ def transform(
 
     ``fused`` chooses how fused QKV / gate_up layers are sharded: ``"split"``
     into one linear per part, or ``"interleave"``: kept one matmul with rows
-    reordered per device (falls back to split where it cannot keep heads whole).
+    reordered per device (falls back to split where it cannot keep heads whole),
+    and separate column-parallel layers of one input computed as one matmul
+    too (fewer all-reduces in training; see ``FuseSiblingLinears``).
     """
     if fused not in FUSED_STRATEGIES:
         raise PlanError(f"fused={fused!r} is not a strategy; choose one of {', '.join(FUSED_STRATEGIES)}")
@@ -108,6 +111,7 @@ def _passes(records: Mapping[str, ShardingRecord], mesh_shape: Mapping[str, int]
         SplitFusedLinear(),
         RewireFusedConsumers(),
         FitHeadsToMesh(mesh_shape),
+        *([FuseSiblingLinears(mesh_shape)] if fused == "interleave" else []),
         AttentionToEinsum(),
         InsertShardingConstraints(),
     ]

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["batched_matmul", "einsum", "einsum_attention", "fused_part"]
+__all__ = ["batched_matmul", "einsum", "einsum_attention", "fused_part", "interleaved"]
 
 _LETTERS = "abcdefgh"
 
@@ -52,6 +52,15 @@ def _einsum_backward(ctx, grad):
 
 
 einsum.register_autograd(_einsum_backward, setup_context=_einsum_setup)
+
+
+def interleaved(tensors: list[torch.Tensor], ways: int) -> torch.Tensor:
+    """Rows ``[T0_0 T1_0 ... | T0_1 T1_1 ... | ...]``: block ``d`` of ``ways`` holds device ``d``'s rows of each.
+
+    Each tensor sharded ``ways`` ways on its rows, the result is too, with no
+    data moving: the weight of one matmul for several column-parallel layers.
+    """
+    return torch.cat([t.unflatten(0, (ways, -1)) for t in tensors], 1).flatten(0, 1)
 
 
 def fused_part(y: torch.Tensor, index: int, sizes: tuple[int, ...], ways: int) -> torch.Tensor:

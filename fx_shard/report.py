@@ -46,6 +46,7 @@ from fx_shard.sharding import (
     axis_size,
     layer_parameters,
     local_shape,
+    recorded_layers,
 )
 
 __all__ = ["FORMATS", "SCHEMA", "parameter_bytes", "report", "report_data"]
@@ -204,9 +205,8 @@ def _layers(model: nn.Module, summary: ModelSharding) -> list[_Layer]:
     """Every recorded layer, in the model's module order, with its parameters' shapes and specs."""
     graph_of = {}
     for prefix, gm in _graph_modules(model):
-        for node in gm.graph.find_nodes(op="call_module"):
-            if SHARDING_KEY in node.meta:
-                graph_of.setdefault(f"{prefix}.{node.target}" if prefix else node.target, prefix)
+        for target, _ in recorded_layers(gm):
+            graph_of.setdefault(f"{prefix}.{target}" if prefix else target, prefix)
     mesh = summary.mesh_shape
     layers: dict[str, _Layer] = {}
     owner: dict[int, str] = {}
@@ -279,9 +279,8 @@ def _calls(model: nn.Module, summary: ModelSharding) -> Counter[str]:
     """How many times each recorded layer is called: its call_module nodes, or once outside graphs."""
     calls: Counter[str] = Counter()
     for prefix, gm in _graph_modules(model):
-        for node in gm.graph.find_nodes(op="call_module"):
-            if SHARDING_KEY in node.meta:
-                calls[f"{prefix}.{node.target}" if prefix else node.target] += 1
+        for target, _ in recorded_layers(gm):
+            calls[f"{prefix}.{target}" if prefix else target] += 1
     for path in summary.layers:
         calls.setdefault(path, 1)
     return calls

@@ -30,6 +30,7 @@ __all__ = [
     "local_shape",
     "model_sharding",
     "narrowed",
+    "recorded_layers",
     "sharding_of",
     "split_sub_axis",
     "sub_axis",
@@ -172,6 +173,21 @@ def model_sharding(root: torch.nn.Module) -> ModelSharding:
     return root.meta[SHARDING_KEY]
 
 
+def recorded_layers(gm: fx.GraphModule) -> Iterator[tuple[str, ShardingRecord]]:
+    """``(module target, record)`` of every layer call in ``gm``, in graph order.
+
+    A layer is a ``call_module`` node with a record, or, for a layer whose
+    matmul the graph computes itself (``FuseSiblingLinears``), the
+    ``get_attr`` node of its weight, which then holds the record.
+    """
+    for node in gm.graph.nodes:
+        record = sharding_of(node)
+        if record is not None and node.op == "call_module":
+            yield node.target, record
+        elif record is not None and node.op == "get_attr":
+            yield node.target.rpartition(".")[0], record
+
+
 def layer_parameters(root: torch.nn.Module) -> Iterator[tuple[str, ShardingRecord, str, torch.nn.Parameter]]:
     """``(module path, record, parameter name, parameter)`` for every parameter of every recorded layer.
 
@@ -180,12 +196,10 @@ def layer_parameters(root: torch.nn.Module) -> Iterator[tuple[str, ShardingRecor
     """
     for prefix, sub in root.named_modules():
         if isinstance(sub, fx.GraphModule):
-            for node in sub.graph.find_nodes(op="call_module"):
-                record = sharding_of(node)
-                if record is not None:
-                    path = f"{prefix}.{node.target}" if prefix else node.target
-                    for name, param in sub.get_submodule(node.target).named_parameters(recurse=False):
-                        yield path, record, name, param
+            for target, record in recorded_layers(sub):
+                path = f"{prefix}.{target}" if prefix else target
+                for name, param in sub.get_submodule(target).named_parameters(recurse=False):
+                    yield path, record, name, param
     for path, record in model_sharding(root).layers.items():
         for name, param in root.get_submodule(path).named_parameters(recurse=False):
             yield path, record, name, param

@@ -16,6 +16,7 @@ from fx_shard.passes import (
     AnnotateSharding,
     AttentionToEinsum,
     FitHeadsToMesh,
+    FuseSiblingLinears,
     InsertShardingConstraints,
     InterleaveFusedLinear,
     KeepGroupedFused,
@@ -458,3 +459,34 @@ def test_join_and_split_parts_are_inverse():
 def test_keep_grouped_fused_ignores_contiguous_layouts():
     gm = annotated(seeded(FusedAttention), {"qkv": "qkv", "proj": "rowwise"})
     assert not KeepGroupedFused({"tp": 4})(gm).modified
+
+
+@pytest.mark.parametrize(("tp", "groups"), [(2, [("q_proj", "k_proj", "v_proj")]), (4, [("k_proj", "v_proj")])])
+def test_fuse_sibling_linears_one_matmul_per_input_and_spec(tp, groups):
+    from fx_shard.ops import fused_part, interleaved
+    from fx_shard.sharding import recorded_layers
+
+    model, x = seeded(GQAttention), torch.randn(2, 5, 32)
+    gm = capture(copy.deepcopy(model))
+    plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+    AnnotateSharding(ShardPlan(plan).resolve(linear_like_modules(gm), {"tp": tp}, "tp"))(gm)
+    FitHeadsToMesh({"tp": tp})(gm)
+    before = {t: r for t, r in recorded_layers(gm)}
+    assert FuseSiblingLinears({"tp": tp})(gm).modified
+    fused = {n.args[0][0].target.rpartition(".")[0]: n for n in gm.graph.find_nodes(op="call_function", target=interleaved)}
+    assert [tuple(w.target.rpartition(".")[0] for w in fused[g[0]].args[0]) for g in groups] == groups
+    assert len(gm.graph.find_nodes(op="call_function", target=fused_part)) == sum(map(len, groups))
+    # Every layer keeps its record (on its weight's get_attr when fused), with a note; the function is unchanged.
+    after = dict(recorded_layers(gm))
+    assert after.keys() == before.keys()
+    for target in (t for g in groups for t in g):
+        assert after[target].specs == before[target].specs and "one matmul with its siblings" in after[target].notes[-1]
+    torch.testing.assert_close(gm(x), model(x))
+    assert list(gm.state_dict()) == list(model.state_dict())
+    code = gm.code
+    assert not FuseSiblingLinears({"tp": tp})(gm).modified and gm.code == code
+
+
+def test_fuse_sibling_linears_leaves_lone_or_unlike_layers():
+    gm = annotated(seeded(VllmBlock))  # vLLM layers return tuples: not plain nn.Linear
+    assert not FuseSiblingLinears({"tp": 4})(gm).modified
