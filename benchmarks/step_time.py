@@ -1131,6 +1131,10 @@ def step_miss_text(rows: list[dict]) -> str:
     inf, tr = parts["inference"], parts["training"]
     fx, rep = get("fx_shard", n, "inference"), get("replicated", n, "inference")
     flops = fx["matmul_flops"] / rep["matmul_flops"] if fx and rep and rep.get("matmul_flops") else None
+    inter = get("interleave", n, "training")
+    fewer = (f" With `fused=\"interleave\"` (q/k/v and gate/up each one matmul, `FuseSiblingLinears`) a training "
+             f"step has {_total(inter)} collectives and takes {fmt(over(inter, get('replicated', n, 'training')), '.3f')} "
+             "of replicated's time." if inter else "")
     return (
         f"- *Step time ≤ 1.25/8 of replicated* (llama {z}, {n} devices). Replicated on {n} virtual devices runs "
         f"{n} full copies on the same 2 cores and fx_shard runs {n} slices of one copy there, so for the same total "
@@ -1141,7 +1145,7 @@ def step_miss_text(rows: list[dict]) -> str:
         "work on the activations every device holds whole) and the all-reduces, "
         f"{fmt(tr['collectives'], 'd') if tr['collectives'] is not None else '–'} per training step against "
         f"{fmt(inf['collectives'], 'd') if inf['collectives'] is not None else '–'} per inference step, each a "
-        f"meeting point for {n} device programs sharing 2 cores. The comparison with replicated on one device "
+        f"meeting point for {n} device programs sharing 2 cores.{fewer} The comparison with replicated on one device "
         f"({fmt(inf['one'])} in inference, {fmt(tr['one'])} in training) is not stable here: how much of the 2 "
         "cores one device program uses changes with the load other jobs put on this host (in this run, "
         f"replicated on 2 devices took {fmt(inf['r2'])} / {fmt(tr['r2'])} of the 1-device time, where 1.0 would "
