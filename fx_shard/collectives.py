@@ -8,8 +8,9 @@ pre-partition IR has no collectives, so the count comes from the HLO dump).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,13 +62,16 @@ class Collectives(Mapping[str, int]):
         return {op: s.count for op, s in self.stats.items() if s.count}
 
 
-def collectives(model: nn.Module, *inputs, **kwargs) -> Collectives:
+def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] | None = None, **kwargs) -> Collectives:
     """Run ``model(*inputs, **kwargs)`` once on the XLA device and count its collectives.
 
     Inputs are moved to the device (replicated). The forward runs without
-    gradients. When XLA already compiled the same program in this process it
-    does not dump it again; the earlier dump is found by its content. Needs the HLO dump that ``fx_shard.init_runtime`` sets up
-    before the runtime starts.
+    gradients; with ``loss`` (the model's output -> a scalar) it runs
+    forward, ``loss`` and backward, and counts the program that computes the
+    gradients (the parameters' ``.grad`` are left as they were). When XLA
+    already compiled the same program in this process it does not dump it
+    again; the earlier dump is found by its content. Needs the HLO dump that
+    ``fx_shard.init_runtime`` sets up before the runtime starts.
     """
     torch_xla = _torch_xla()
     dump = hlo_dump_dir()
@@ -78,12 +82,23 @@ def collectives(model: nn.Module, *inputs, **kwargs) -> Collectives:
         )
     device = xla_device()
     moved_args, moved_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), (inputs, kwargs))
-    with torch.no_grad():
-        output = model(*moved_args, **moved_kwargs)
-    tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
+    params = list({id(p): p for p in model.parameters()}.values())
+    saved = [p.grad for p in params]
+    if loss is None:
+        with torch.no_grad():
+            output = model(*moved_args, **moved_kwargs)
+        tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
+    else:
+        for p in params:
+            p.grad = None
+        value = loss(model(*moved_args, **moved_kwargs))
+        value.backward()
+        tensors = [value.detach(), *(p.grad for p in params if p.grad is not None)]
     signature = program_signature(torch_xla._XLAC._get_xla_tensors_hlo(tensors))
     before = dump_snapshot(dump)
     torch_xla._XLAC._xla_sync_multi(tensors, [], True, True)
+    for p, grad in zip(params, saved):
+        p.grad = grad
     files = partitioned_modules(dump, before)
     if not files:  # compiled before: XLA reused it, so find its earlier dump
         earlier = partitioned_module_of(dump, signature)

@@ -119,22 +119,6 @@ def test_collectives_of_a_program_compiled_before(mesh):
     assert dict(collectives(gm, *inputs)) == {"all-reduce": 9, **ZERO}
 
 
-def training_step_collectives(gm, inputs) -> dict[str, int]:
-    """Collectives of one forward + cross-entropy + backward, from the partitioned HLO XLA dumps for it."""
-    import torch.nn.functional as F
-    import torch_xla
-
-    from fx_shard import hlo
-    from fx_shard.xla import hlo_dump_dir
-
-    before = hlo.dump_snapshot(hlo_dump_dir())
-    ids = inputs[0].to(fx_shard.xla_device())
-    F.cross_entropy(gm(ids).flatten(0, 1), ids.flatten()).backward()
-    torch_xla.sync()
-    (program,) = [f for f in hlo.partitioned_modules(hlo_dump_dir(), before) if not hlo.is_transfer_program(f)]
-    return {op: s.count for op, s in hlo.collectives_in([program]).items() if s.count}
-
-
 def test_sibling_layers_as_one_matmul_need_fewer_all_reduces_in_training(mesh, devices):
     import copy
 
@@ -145,12 +129,18 @@ def test_sibling_layers_as_one_matmul_need_fewer_all_reduces_in_training(mesh, d
     # Each column-parallel layer's input gradient is all-reduced on its own: one per layer when split,
     # one per group of siblings when fused. 2 blocks: q, k, v and gate, up (k, v apart from q over "tp:2").
     per_block_saved = 3 if devices == 2 else 2
-    counts_split, counts_fused = training_step_collectives(split, inputs), training_step_collectives(fused, inputs)
-    assert set(counts_split) == set(counts_fused) == {"all-reduce"}
+    targets = inputs[0].flatten()
+
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(logits.device))
+
+    counts_split, counts_fused = collectives(split, *inputs, loss=loss), collectives(fused, *inputs, loss=loss)
+    assert set(counts_split.nonzero()) == set(counts_fused.nonzero()) == {"all-reduce"}
     assert counts_split["all-reduce"] - counts_fused["all-reduce"] == 2 * per_block_saved
+    assert all(p.grad is None for p in fused.parameters())  # collectives() leaves .grad as it was
     reference = copy.deepcopy(model)
-    F = torch.nn.functional
-    F.cross_entropy(reference(*inputs).flatten(0, 1), inputs[0].flatten()).backward()
+    loss(reference(*inputs)).backward()
+    loss(fused(inputs[0].to(fx_shard.xla_device()))).backward()
     for name, param in fused.named_parameters():  # the gradients reach the original parameters
         expected = reference.get_parameter(name).grad
         assert relative_error(param.grad, expected) <= 1e-4, name
