@@ -323,6 +323,8 @@ class SplitLinear(nn.Module):
         self.skip_bias_add = getattr(first, "skip_bias_add", False)
         self._register_state_dict_hook(_save_fused)
         self._register_load_state_dict_pre_hook(_load_fused, with_module=True)
+        self.register_load_state_dict_post_hook(_name_fused_keys)
+        self._load_prefix = ""
 
     @classmethod
     def from_fused(cls, fused: nn.Module, names: Sequence[str], output_sizes: Sequence[int], groups: int = 1) -> SplitLinear:
@@ -371,12 +373,22 @@ def _save_fused(module: SplitLinear, state_dict: dict, prefix: str, local_metada
 
 
 def _load_fused(module: SplitLinear, state_dict: dict, prefix: str, *args) -> None:
+    module._load_prefix = prefix
     for field in ("weight", "bias"):
         fused = state_dict.pop(prefix + field, None)
         if fused is not None:
             dim = module.dim if field == "weight" else 0
             for name, piece in zip(module.part_names, split_parts(fused, module.output_sizes, module.groups, dim)):
                 state_dict[f"{prefix}{name}.{field}"] = piece
+
+
+def _name_fused_keys(module: SplitLinear, incompatible) -> None:
+    """Report a missing fused tensor by its checkpoint key (``c_attn.weight``), not its parts' keys."""
+    missing = incompatible.missing_keys
+    for field in ("weight", "bias"):
+        parts = [f"{module._load_prefix}{name}.{field}" for name in module.part_names]
+        if any(p in missing for p in parts):
+            missing[:] = [k for k in missing if k not in parts] + [module._load_prefix + field]
 
 
 def interleave_rows(module: nn.Module, sizes: Sequence[int], ways: int) -> None:

@@ -102,6 +102,13 @@ def test_split_keeps_state_dict_keys_and_values():
     gm_fresh.load_state_dict(expected)
     x = torch.randn(3, 32)
     torch.testing.assert_close(gm_fresh(x), model(x))
+    # A checkpoint without the fused tensor is reported by its own key, not the parts'.
+    fused_key = next(k for k in expected if k.endswith("qkv_proj.weight"))
+    incomplete = {k: v for k, v in expected.items() if k != fused_key}
+    result = gm_fresh.load_state_dict(incomplete, strict=False)
+    assert result.missing_keys == [fused_key]
+    with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{fused_key}"'):
+        gm_fresh.load_state_dict(incomplete)
 
 
 def test_split_leaves_unfused_graph_alone():
