@@ -999,7 +999,7 @@ def doc(result: dict) -> str:
             ["XLA device", f"{', '.join(device_types)}: torch_xla's CPU backend with N virtual devices "
                            "(`PJRT_DEVICE=CPU CPU_NUM_DEVICES=N`, SPMD), one process per N"],
             ["load", f"1-minute load average {min(loads):.1f}–{max(loads):.1f} during the timed steps "
-                     "(other jobs shared the cores)" if loads else "not recorded"],
+                     "(the benchmark's own device threads count in it)" if loads else "not recorded"],
         ], ["", ""], tablefmt="github"),
         "",
         "**CPU step times are only ratios.** The N virtual devices are threads of one process on the same "
