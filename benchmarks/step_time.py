@@ -1147,7 +1147,7 @@ def step_miss_text(rows: list[dict]) -> str:
         f"{fmt(inf['collectives'], 'd') if inf['collectives'] is not None else '–'} per inference step, each a "
         f"meeting point for {n} device programs sharing 2 cores.{fewer} The comparison with replicated on one device "
         f"({fmt(inf['one'])} in inference, {fmt(tr['one'])} in training) is not stable here: how much of the 2 "
-        "cores one device program uses changes with the load other jobs put on this host (in this run, "
+        "cores one device program uses changes from run to run (in this run, "
         f"replicated on 2 devices took {fmt(inf['r2'])} / {fmt(tr['r2'])} of the 1-device time, where 1.0 would "
         "mean one core per program and 2.0 both). On a TPU, replicated on 8 chips runs at one chip's speed and the "
         "goal asks fx_shard for 0.156 of a chip's step, which needs 8 chips working at once; what this host shows "
