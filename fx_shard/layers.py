@@ -398,32 +398,29 @@ def interleave_rows(module: nn.Module, sizes: Sequence[int], ways: int) -> None:
     share of every part (q, k and v of its heads) in one matmul. ``state_dict``
     saves and loads the original order.
     """
-    order = _interleaved_order(sizes, ways)
     dim = output_dim(module)
-    module.weight = nn.Parameter(module.weight.detach().index_select(dim, order), module.weight.requires_grad)
+    module.weight = nn.Parameter(_interleave(module.weight.detach(), sizes, ways, dim), module.weight.requires_grad)
     if getattr(module, "bias", None) is not None:
-        module.bias = nn.Parameter(module.bias.detach().index_select(0, order), module.bias.requires_grad)
+        module.bias = nn.Parameter(_interleave(module.bias.detach(), sizes, ways, 0), module.bias.requires_grad)
     module.interleaved = (tuple(sizes), ways)
     module._register_state_dict_hook(_save_interleaved)
     module._register_load_state_dict_pre_hook(_load_interleaved, with_module=True)
 
 
-def _interleaved_order(sizes: Sequence[int], ways: int) -> torch.Tensor:
-    """Original row index of each interleaved row."""
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    order = [start + d * (size // ways) + j for d in range(ways) for start, size in zip(starts, sizes) for j in range(size // ways)]
-    return torch.tensor(order, dtype=torch.long)
+def _interleave(fused: torch.Tensor, sizes: Sequence[int], ways: int, dim: int) -> torch.Tensor:
+    """``[P0 | P1 | ...]`` along ``dim`` reordered to ``[P0_0 P1_0 ... | P0_1 P1_1 ... | ...]``."""
+    return join_parts(split_parts(fused, sizes, 1, dim), ways, dim)
 
 
 def _save_interleaved(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    restore = torch.argsort(_interleaved_order(*module.interleaved))
+    sizes, ways = module.interleaved
     for field, dim in (("weight", output_dim(module)), ("bias", 0)):
         if state_dict.get(prefix + field) is not None:
-            state_dict[prefix + field] = state_dict[prefix + field].index_select(dim, restore.to(state_dict[prefix + field].device))
+            state_dict[prefix + field] = torch.cat(split_parts(state_dict[prefix + field], sizes, ways, dim), dim)
 
 
 def _load_interleaved(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    order = _interleaved_order(*module.interleaved)
+    sizes, ways = module.interleaved
     for field, dim in (("weight", output_dim(module)), ("bias", 0)):
         if state_dict.get(prefix + field) is not None:
-            state_dict[prefix + field] = state_dict[prefix + field].index_select(dim, order.to(state_dict[prefix + field].device))
+            state_dict[prefix + field] = _interleave(state_dict[prefix + field], sizes, ways, dim)

@@ -14,7 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["batched_matmul", "einsum", "einsum_attention", "fused_part", "interleaved"]
+from fx_shard.layers import split_parts
+
+__all__ = ["batched_matmul", "einsum", "einsum_attention", "fused_part"]
 
 _LETTERS = "abcdefgh"
 
@@ -54,25 +56,14 @@ def _einsum_backward(ctx, grad):
 einsum.register_autograd(_einsum_backward, setup_context=_einsum_setup)
 
 
-def interleaved(tensors: list[torch.Tensor], ways: int) -> torch.Tensor:
-    """Rows ``[T0_0 T1_0 ... | T0_1 T1_1 ... | ...]``: block ``d`` of ``ways`` holds device ``d``'s rows of each.
-
-    Each tensor sharded ``ways`` ways on its rows, the result is too, with no
-    data moving: the weight of one matmul for several column-parallel layers.
-    """
-    return torch.cat([t.unflatten(0, (ways, -1)) for t in tensors], 1).flatten(0, 1)
-
-
 def fused_part(y: torch.Tensor, index: int, sizes: tuple[int, ...], ways: int) -> torch.Tensor:
     """Part ``index`` of a fused output whose features are interleaved per device.
 
     The layout is ``[P0_0 P1_0 ... | P0_1 P1_1 ... | ...]``: block ``d`` of
-    ``ways`` holds device ``d``'s share of every part, so this view, slice and
-    flatten stay on each device.
+    ``ways`` holds device ``d``'s share of every part (``join_parts`` with
+    ``ways`` groups), so these views and slices stay on each device.
     """
-    block = sum(sizes) // ways
-    start = sum(sizes[:index]) // ways
-    return y.unflatten(-1, (ways, block))[..., start:start + sizes[index] // ways].flatten(-2)
+    return split_parts(y, sizes, ways)[index]
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fx_shard.ops import fused_part, interleaved
+from fx_shard.layers import join_parts
+from fx_shard.ops import fused_part
 from fx_shard.passes.utils import provenance, result, shape_meta
 from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_size, sharding_of
 
@@ -24,7 +25,7 @@ class FuseSiblingLinears(PassBase):
     all-reduces where one matmul costs one (measured on the xl Llama, 8
     devices: 36 all-reduces per training step become 24). Layers sharded alike
     that read the same node get one ``F.linear`` over their weights interleaved
-    per device (``fx_shard.ops.interleaved``, no data moves) and read their
+    per device (``join_parts`` with a group per device, no data moves) and read their
     part back with ``fused_part``. Parameters and ``state_dict`` stay as they
     were; each layer's record moves to the ``get_attr`` node of its weight.
     Run with ``fused="interleave"``: in inference it saves no collective and
@@ -71,8 +72,8 @@ class FuseSiblingLinears(PassBase):
         with graph.inserting_before(members[0]):
             weights = [graph.get_attr(f"{m.target}.weight") for m in members]
             biases = [graph.get_attr(f"{m.target}.bias") for m in members] if modules[0].bias is not None else None
-            weight = graph.call_function(interleaved, (weights, ways))
-            bias = graph.call_function(interleaved, (biases, ways)) if biases else None
+            weight = graph.call_function(join_parts, (weights, ways, 0))
+            bias = graph.call_function(join_parts, (biases, ways, 0)) if biases else None
             output = graph.call_function(F.linear, (members[0].args[0], weight, bias))
             for new in (weight, output, *([bias] if bias else [])):
                 new.meta.update(provenance(members[0]))

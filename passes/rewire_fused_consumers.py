@@ -78,7 +78,7 @@ def _fused_join(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node], list[i
     """The part outputs, sizes and groups if ``cat`` joins all parts of one split layer along the last dim."""
     tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
     if cat.target is join_parts:
-        dim, groups = -1, cat.args[1]
+        dim, groups = (cat.args[2] if len(cat.args) > 2 else -1), cat.args[1]
     else:
         dim, groups = (cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)), 1
     if not isinstance(tensors, (list, tuple)) or dim != -1:

@@ -470,7 +470,8 @@ def test_keep_grouped_fused_ignores_contiguous_layouts():
 
 @pytest.mark.parametrize(("tp", "groups"), [(2, [("q_proj", "k_proj", "v_proj")]), (4, [("k_proj", "v_proj")])])
 def test_fuse_sibling_linears_one_matmul_per_input_and_spec(tp, groups):
-    from fx_shard.ops import fused_part, interleaved
+    from fx_shard.layers import join_parts
+    from fx_shard.ops import fused_part
     from fx_shard.sharding import recorded_layers
 
     model, x = seeded(GQAttention), torch.randn(2, 5, 32)
@@ -480,7 +481,7 @@ def test_fuse_sibling_linears_one_matmul_per_input_and_spec(tp, groups):
     FitHeadsToMesh({"tp": tp})(gm)
     before = {t: r for t, r in recorded_layers(gm)}
     assert FuseSiblingLinears({"tp": tp})(gm).modified
-    fused = {n.args[0][0].target.rpartition(".")[0]: n for n in gm.graph.find_nodes(op="call_function", target=interleaved)}
+    fused = {n.args[0][0].target.rpartition(".")[0]: n for n in gm.graph.find_nodes(op="call_function", target=join_parts)}
     assert [tuple(w.target.rpartition(".")[0] for w in fused[g[0]].args[0]) for g in groups] == groups
     assert len(gm.graph.find_nodes(op="call_function", target=fused_part)) == sum(map(len, groups))
     # Every layer keeps its record (on its weight's get_attr when fused), with a note; the function is unchanged.
