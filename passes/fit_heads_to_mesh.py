@@ -6,12 +6,12 @@ import operator
 from collections.abc import Mapping
 
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_shard.errors import PlanError
 from fx_shard.layers import out_features
-from fx_shard.passes.utils import result
-from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_names, axis_size, fitting_axes, narrowed, sharding_of
+from fx_shard.passes.utils import MeshPass, result, update_records
+from fx_shard.sharding import ShardingRecord, axis_names, axis_size, fitting_axes, narrowed
 
 __all__ = ["FitHeadsToMesh", "fit_to_heads", "head_dim_of"]
 
@@ -19,7 +19,7 @@ _RESHAPE = ("view", "reshape")
 _SEARCH_DEPTH = 4
 
 
-class FitHeadsToMesh(PassBase):
+class FitHeadsToMesh(MeshPass):
     """Shard a column-parallel projection over only as many devices as its heads divide.
 
     With grouped-query attention there are often fewer KV heads than devices
@@ -35,22 +35,14 @@ class FitHeadsToMesh(PassBase):
     Reads: ``node.meta["sharding"]`` of colwise layers. Writes: those records.
     """
 
-    def __init__(self, mesh_shape: Mapping[str, int]) -> None:
-        super().__init__()
-        self.mesh_shape = mesh_shape
-
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        modified = False
-        for node in graph_module.graph.find_nodes(op="call_module"):
-            record = sharding_of(node)
-            if record is None or record.style != "colwise":
-                continue
+        def fit(node: fx.Node, record: ShardingRecord) -> ShardingRecord | None:
+            if record.style != "colwise":
+                return None
             features = out_features(graph_module.get_submodule(node.target))
-            fitted = fit_to_heads(node.target, record, features, head_dim_of(node, features), self.mesh_shape)
-            if fitted is not None:
-                node.meta[SHARDING_KEY] = fitted
-                modified = True
-        return result(graph_module, modified)
+            return fit_to_heads(node.target, record, features, head_dim_of(node, features), self.mesh_shape)
+
+        return result(graph_module, update_records(graph_module, fit))
 
 
 def fit_to_heads(

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_shard.layers import join_parts
 from fx_shard.ops import fused_part
-from fx_shard.passes.utils import provenance, result, shape_meta
+from fx_shard.passes.utils import MeshPass, provenance, result, shape_meta
 from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_size, sharding_of
 
 __all__ = ["FuseSiblingLinears"]
 
 
-class FuseSiblingLinears(PassBase):
+class FuseSiblingLinears(MeshPass):
     """Compute q, k and v (or gate and up) of separate ``nn.Linear`` layers in one matmul.
 
     In training each column-parallel layer's input gradient is a partial sum
@@ -33,10 +32,6 @@ class FuseSiblingLinears(PassBase):
 
     Reads: colwise records. Writes: graph nodes, the records (moved, noted).
     """
-
-    def __init__(self, mesh_shape: Mapping[str, int]) -> None:
-        super().__init__()
-        self.mesh_shape = mesh_shape
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         groups: dict[tuple, list[fx.Node]] = {}

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Mapping
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_shard.layers import interleave_rows, output_dim
 from fx_shard.ops import fused_part
-from fx_shard.passes.utils import provenance, result, shape_meta
+from fx_shard.passes.utils import MeshPass, provenance, result, shape_meta
 from fx_shard.sharding import SHARDING_KEY, axis_size, sharding_of
 
 __all__ = ["InterleaveFusedLinear"]
@@ -20,7 +19,7 @@ __all__ = ["InterleaveFusedLinear"]
 _FUSED_STYLES = ("qkv", "merged_colwise")
 
 
-class InterleaveFusedLinear(PassBase):
+class InterleaveFusedLinear(MeshPass):
     """The other way to shard a fused layer: one matmul, rows reordered, instead of one linear per part.
 
     Rows become ``[Q_0 K_0 V_0 | Q_1 K_1 V_1 | ...]`` so that sharding the
@@ -35,10 +34,6 @@ class InterleaveFusedLinear(PassBase):
     Writes: the fused modules' parameters (reordered; ``state_dict`` keeps
     the original order), graph nodes, the records (``interleaved``).
     """
-
-    def __init__(self, mesh_shape: Mapping[str, int]) -> None:
-        super().__init__()
-        self.mesh_shape = mesh_shape
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping
 from dataclasses import replace
 
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_shard.layers import output_dim
 from fx_shard.patterns import RESHAPE, op_of, shape_args, static_int
-from fx_shard.passes.utils import result
-from fx_shard.sharding import SHARDING_KEY, axis_names, fitting_axes, narrowed, sharding_of
+from fx_shard.passes.utils import MeshPass, result, update_records
+from fx_shard.sharding import ShardingRecord, axis_names, fitting_axes, narrowed
 
 __all__ = ["KeepGroupedFused"]
 
 
-class KeepGroupedFused(PassBase):
+class KeepGroupedFused(MeshPass):
     """Recognise a fused QKV whose rows are ``[q_g k_g v_g]`` per KV group, and keep it fused.
 
     Some models (Falcon, ChatGLM, Megatron checkpoints) lay q, k and v out
@@ -33,30 +32,20 @@ class KeepGroupedFused(PassBase):
     Reads: qkv records and the reshape after the layer. Writes: those records.
     """
 
-    def __init__(self, mesh_shape: Mapping[str, int]) -> None:
-        super().__init__()
-        self.mesh_shape = mesh_shape
-
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        modified = False
-        for node in graph_module.graph.find_nodes(op="call_module"):
-            record = sharding_of(node)
-            if record is None or record.style != "qkv" or record.interleaved:
-                continue
-            module = graph_module.get_submodule(node.target)
-            groups = _kv_groups(node, record.output_sizes)
+        def regroup(node: fx.Node, record: ShardingRecord) -> ShardingRecord | None:
+            groups = _kv_groups(node, record.output_sizes) if record.style == "qkv" and not record.interleaved else None
             if groups is None:
-                continue
-            axes = axis_names(record.specs["weight"][output_dim(module)])
+                return None
+            axes = axis_names(record.specs["weight"][output_dim(graph_module.get_submodule(node.target))])
             if fitting_axes(axes, groups, self.mesh_shape, partial=False) == axes:
                 note = f"q/k/v laid out per KV group ({groups} groups): kept fused, whole groups sharded over {axes}"
-                node.meta[SHARDING_KEY] = narrowed(record, axes, note, interleaved=True)
-            else:
-                note = (f"q/k/v laid out per KV group: {groups} groups do not split over {axes}; "
-                        "split into q, k, v gathered from every group")
-                node.meta[SHARDING_KEY] = replace(record, groups=groups, notes=(*record.notes, note))
-            modified = True
-        return result(graph_module, modified)
+                return narrowed(record, axes, note, interleaved=True)
+            note = (f"q/k/v laid out per KV group: {groups} groups do not split over {axes}; "
+                    "split into q, k, v gathered from every group")
+            return replace(record, groups=groups, notes=(*record.notes, note))
+
+        return result(graph_module, update_records(graph_module, regroup))
 
 
 def _kv_groups(node: fx.Node, sizes: tuple[int, ...]) -> int | None:

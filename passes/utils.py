@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from torch import fx, nn
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fx_shard.sharding import SHARDING_KEY, ShardingRecord, sharding_of
 
 # Keys a rewrite must not carry onto a node of another shape (executorch's PROTECTED_KEYS, less provenance).
 SHAPE_KEYS = ("val", "tensor_meta", "example_value")
+
+
+class MeshPass(PassBase):
+    """A pass whose decisions depend on the mesh: ``mesh_shape`` maps axis names to sizes."""
+
+    def __init__(self, mesh_shape: Mapping[str, int]) -> None:
+        super().__init__()
+        self.mesh_shape = mesh_shape
+
+
+def update_records(gm: fx.GraphModule, update: Callable[[fx.Node, ShardingRecord], ShardingRecord | None]) -> bool:
+    """Give each recorded ``call_module`` node the record ``update`` returns (None: unchanged); whether any changed."""
+    modified = False
+    for node in gm.graph.find_nodes(op="call_module"):
+        record = sharding_of(node)
+        new = update(node, record) if record is not None else None
+        if new is not None:
+            node.meta[SHARDING_KEY] = new
+            modified = True
+    return modified
 
 
 def result(gm: fx.GraphModule, modified: bool) -> PassResult:
@@ -19,8 +43,6 @@ def result(gm: fx.GraphModule, modified: bool) -> PassResult:
 
 def provenance(node: fx.Node) -> dict:
     """``node``'s metadata without shape facts or sharding: what an inserted node inherits."""
-    from fx_shard.sharding import SHARDING_KEY
-
     return {k: v for k, v in node.meta.items() if k not in SHAPE_KEYS and k != SHARDING_KEY}
 
 
