@@ -25,13 +25,11 @@ import copy
 import os
 
 from torch import fx, nn
-from torch.fx.passes.infra.pass_manager import PassManager
 
 import fx_shard
-from fx_shard.capture import capture, linear_like_modules, propagate_shapes
-from fx_shard.passes import AnnotateSharding, SplitFusedLinear
-from fx_shard.plan import ShardPlan, resolve_tp_axis
-from fx_shard.sharding import SHARDING_KEY, ModelSharding
+from fx_shard.pipeline import Pipeline
+from fx_shard.plan import ShardPlan
+from fx_shard.styles import Colwise, registered
 from fx_shard.xla import materialize, mesh_shape_of, to_device_keeping_ties
 
 STRATEGIES = ("fused", "seed", "fx_shard")
@@ -39,6 +37,8 @@ STRATEGIES = ("fused", "seed", "fx_shard")
 ALL_STRATEGIES = ("replicated", "seed", "fused", "auto", "fx_shard", "interleave")
 #: The strategies that are ``fx_shard.shard`` itself, with the ``fused`` argument each passes.
 FX_SHARD_FUSED = {"fx_shard": "split", "interleave": "interleave"}
+#: The baselines: fx_shard's pipeline with only these passes.
+BASELINE_PASSES = {"fused": ("AnnotateSharding",), "seed": ("AnnotateSharding", "SplitFusedLinear")}
 
 
 def start_runtime(devices: int, auto: bool = False) -> int:
@@ -70,15 +70,8 @@ def shard_with(strategy: str, model: nn.Module, mesh, plan: dict, example_inputs
     """``model`` sharded on ``mesh`` the way ``strategy`` does it."""
     if strategy in FX_SHARD_FUSED:
         return fx_shard.shard(model, mesh, plan, example_inputs=example_inputs, fused=FX_SHARD_FUSED[strategy])
-    mesh_shape = mesh_shape_of(mesh)
-    axis = resolve_tp_axis(mesh_shape)
-    gm = capture(copy.deepcopy(model))
-    propagate_shapes(gm, example_inputs)
-    records = _plan(strategy, plan).resolve(linear_like_modules(gm), mesh_shape, axis)
-    passes = [AnnotateSharding(records)] + ([SplitFusedLinear()] if strategy == "seed" else [])
-    gm = PassManager(passes)(gm).graph_module
-    gm.meta[SHARDING_KEY] = ModelSharding(mesh_shape, axis, tuple(type(p).__name__ for p in passes))
-    return materialize(gm, mesh)
+    pipeline = Pipeline(mesh_shape_of(mesh), only=BASELINE_PASSES[strategy])
+    return materialize(pipeline.transform(model, _plan(strategy, plan), example_inputs), mesh)
 
 
 def ideal_parameter_bytes(model: nn.Module, plan: dict, mesh_shape: dict[str, int], example_inputs: tuple) -> int:
@@ -90,12 +83,7 @@ def ideal_parameter_bytes(model: nn.Module, plan: dict, mesh_shape: dict[str, in
     """
     from fx_shard.report import parameter_bytes
 
-    axis = resolve_tp_axis(mesh_shape)
-    gm = capture(copy.deepcopy(model))
-    propagate_shapes(gm, example_inputs)
-    records = ShardPlan(plan).resolve(linear_like_modules(gm), mesh_shape, axis)
-    gm = PassManager([AnnotateSharding(records), SplitFusedLinear()])(gm).graph_module
-    gm.meta[SHARDING_KEY] = ModelSharding(dict(mesh_shape), axis, ())
+    gm = Pipeline(mesh_shape, only=BASELINE_PASSES["seed"]).transform(model, plan, example_inputs)
     return parameter_bytes(gm)[2]
 
 
@@ -103,7 +91,8 @@ def _plan(strategy: str, plan: dict) -> ShardPlan:
     base = ShardPlan(plan)
     if strategy == "seed":
         return base
-    fused = {p: "colwise" for p, layer in base.entries.items() if layer.style in ("qkv", "merged_colwise")}
+    fused_styles = {s.name for s in registered() if s.fused}
+    fused = {p: Colwise.name for p, layer in base.entries.items() if layer.style in fused_styles}
     # Layers the class rules make fused (vLLM-style models) are named by pattern too.
-    fused.update({"*.qkv_proj": "colwise", "*.gate_up_proj": "colwise"} if not plan else {})
+    fused.update({"*.qkv_proj": Colwise.name, "*.gate_up_proj": Colwise.name} if not plan else {})
     return ShardPlan({**plan, **fused})

@@ -26,8 +26,9 @@ DEPTH = {"vit": "depth", "gpt2": "n_layer", "llama": "num_hidden_layers", "llama
 
 def measure(devices: int) -> list[dict]:
     """One row per (model, strategy) on a runtime of ``devices`` devices (this process)."""
-    import fx_shard
     from baselines import STRATEGIES, shard_with
+
+    import fx_shard
     from fx_shard import models
     from fx_shard.collectives import collectives
     from fx_shard.models.plans import PLANS
@@ -53,9 +54,8 @@ def measure(devices: int) -> list[dict]:
 
 
 def write(rows: list[dict], out: Path) -> None:
-    from tabulate import tabulate
-
     import torch
+    from tabulate import tabulate
 
     headers = ["model", "devices", "strategy", *OPS, "bytes moved per device"]
     table = tabulate([[r[h] if h in r else r["bytes"] for h in headers] for r in rows], headers, tablefmt="github")

@@ -11,21 +11,28 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils import _pytree as pytree
 
+from fx_shard import styles
 from fx_shard.errors import CaptureError
-from fx_shard.layers import class_style, is_transposed_linear
+from fx_shard.geometry import is_transposed_linear
 
 logger = logging.getLogger(__name__)
+
+_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 __all__ = [
     "Captured",
     "LinearLeafTracer",
     "capture",
     "capture_parts",
+    "generate_code",
     "is_linear_like",
     "linear_like_modules",
     "propagate_shapes",
@@ -35,20 +42,41 @@ __all__ = [
 
 def is_linear_like(module: nn.Module) -> bool:
     """Whether fx_shard plans this module as one layer."""
-    return isinstance(module, (nn.Linear, nn.Embedding)) or class_style(module) is not None or is_transposed_linear(module)
+    return isinstance(module, (nn.Linear, nn.Embedding)) or styles.for_class(module) is not None or is_transposed_linear(module)
 
 
 class LinearLeafTracer(fx.Tracer):
-    """``symbolic_trace``'s tracer, with every linear-like layer kept as a leaf."""
+    """``symbolic_trace``'s tracer, with every linear-like layer kept as a leaf.
+
+    A parameter read in ``forward`` (a norm's weight) is found by identity in
+    a table made once, where ``fx.Tracer`` searches all of the model's
+    parameters at each read (quadratic in the model's size).
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_linear_like(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            if getattr(self, "_parameter_names", None) is None or self._parameter_names[0] is not self.root:
+                names: dict[int, str] = {}
+                for name, param in self.root.named_parameters():
+                    names.setdefault(id(param), name)
+                self._parameter_names = (self.root, names)
+            name = self._parameter_names[1].get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def capture(model: nn.Module) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule sharing its submodules.
 
-    Its ``state_dict`` has the model's own keys, in the model's order.
+    Its ``state_dict`` has the model's own keys, in the model's order. It is
+    torch.fx's lazy kind: ``recompile`` marks the code stale and the code is
+    regenerated once, when next needed.
     """
     tracer = LinearLeafTracer()
     try:
@@ -58,7 +86,9 @@ def capture(model: nn.Module) -> fx.GraphModule:
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
             "Shard a sub-module that traces, or remove data-dependent control flow from forward."
         ) from e
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # Lazy: its Python code is generated when first needed (a call, ``.code``), not here; the
+    # pipeline rewrites the graph first, and generating code for 80 layers costs a quarter second.
+    gm = _LazyGraphModule(tracer.root, graph, type(model).__name__)
     _match_original_layout(model, gm)
     return gm
 
@@ -109,6 +139,16 @@ def capture_parts(model: nn.Module) -> Captured:
     return Captured(model, parts, opaque)
 
 
+def generate_code(root: nn.Module) -> None:
+    """Generate the Python code of every lazy GraphModule in ``root`` now.
+
+    A graph about to run on a device, or to be compiled, needs it: dynamo
+    tracing a graph whose code is still to be generated recompiles over and over.
+    """
+    for module in root.modules():
+        _LazyGraphModule.force_recompile(module)
+
+
 def record_part_inputs(captured: Captured, args: tuple, kwargs: dict) -> dict[str, tuple]:
     """Each traced part's positional inputs in one run of the model on ``args`` / ``kwargs``.
 
@@ -152,16 +192,136 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     tensors, which costs more). The passes use shapes only for what does not
     depend on the example's batch or sequence length: ranks and feature sizes.
     """
-    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+    tensors = [t for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor)]
+    device = next((t.device for t in [*gm.parameters(), *tensors]), torch.device("cpu"))
     try:
         if device.type == "meta":
-            ShapeProp(gm).propagate(*pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), example_inputs))
+            _MetaShapes(gm).run(*pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), example_inputs))
             return
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t.to(device)), example_inputs)
         ShapeProp(gm, fake_mode=mode).propagate(*fake)
     except Exception as e:
         raise CaptureError(f"example_inputs do not run through {type(gm).__name__}: {e}") from e
+
+
+class _MetaShapes(fx.Interpreter):
+    """``ShapeProp`` for a model on the meta device, at a fraction of its cost.
+
+    On meta tensors an op's output shapes are a function of its inputs'
+    shapes, dtypes and strides and its other arguments, so a torch op is run
+    once per distinct such key and later calls (the same op in every one of
+    80 identical blocks) get empty tensors of the remembered layout.
+    Attention's output shape is computed from its operands (``(..., L, Ev)``)
+    rather than by running the meta kernel, which decomposes it. Each node's
+    ``tensor_meta`` gets shape, dtype and strides (no memory-format analysis:
+    the passes read shapes only).
+    """
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        # layout key -> (the result's layouts, its tensor_meta or None, its type)
+        self._seen: dict[tuple, tuple] = {}
+
+    def run_node(self, n: fx.Node):
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            key = _call_key(n, args, kwargs)
+            entry = self._seen.get(key) if key is not None else None
+            if entry is None:
+                result = getattr(self, n.op)(n.target, args, kwargs)
+                entry = (map_aggregate(result, _layout_of), _describe(result), type(result))
+                if key is not None:
+                    self._seen[key] = entry
+            else:
+                result = map_aggregate(entry[0], _from_layout)
+        if entry[1] is not None:
+            n.meta["tensor_meta"] = entry[1]
+        n.meta["type"] = entry[2]
+        return result
+
+    def call_function(self, target, args, kwargs):
+        if target in _SDPA:
+            query, key, value = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(("query", "key", "value")))
+            grad = query.requires_grad or key.requires_grad or value.requires_grad
+            return query.new_empty((*query.shape[:-1], value.shape[-1])).requires_grad_(grad)
+        return super().call_function(target, args, kwargs)
+
+
+def _call_key(n: fx.Node, args: tuple, kwargs: dict) -> tuple | None:
+    """The layout key of a torch op's call, or None for calls not to remember (modules, user functions, attention)."""
+    if n.op != "call_method" and not (n.op == "call_function" and _is_torch_op(n.target) and n.target not in _SDPA):
+        return None
+    try:
+        return _layout_key((n.op, n.target, args, kwargs))
+    except (_NotAKey, TypeError):
+        return None
+
+
+def _describe(result) -> object | None:
+    """``tensor_meta`` of a result: shape, dtype, strides per tensor (no memory-format analysis), or None."""
+    found = False
+
+    def describe(value):
+        nonlocal found
+        if not isinstance(value, torch.Tensor):
+            return value
+        found = True
+        return TensorMetadata(value.shape, value.dtype, value.requires_grad, value.stride(), None, False, {})
+
+    meta = map_aggregate(result, describe)
+    return meta if found else None
+
+
+# Python operators and the torch namespace's functions: their result is all they do.
+_PURE_MODULES = ("_operator", "torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions")
+
+
+def _is_torch_op(target) -> bool:
+    return getattr(target, "__module__", None) in _PURE_MODULES
+
+
+class _NotAKey(Exception):
+    """An argument that cannot stand in a layout key (a tensor off the meta device)."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A meta tensor's layout, to make an empty tensor of."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+def _layout_of(value):
+    if isinstance(value, torch.Tensor):
+        return _Layout(tuple(value.shape), value.stride(), value.dtype, value.requires_grad)
+    return value
+
+
+def _from_layout(value):
+    if isinstance(value, _Layout):
+        empty = torch.empty_strided(value.shape, value.stride, dtype=value.dtype, device="meta")
+        return empty.requires_grad_(value.requires_grad)
+    return value
+
+
+def _layout_key(value) -> tuple:
+    """A hashable key for a call's arguments, tensors by layout; ``TypeError`` when one is not hashable."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "meta":
+            raise _NotAKey
+        return ("tensor", _layout_of(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_layout_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _layout_key(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", _layout_key(value.start), _layout_key(value.stop), _layout_key(value.step))
+    hash(value)
+    return ("value", type(value), value)
 
 
 def linear_like_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:

@@ -34,10 +34,13 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from fx_shard import xla
+from fx_shard.axes import Spec, axis_names, local_shape
+from fx_shard.capture import generate_code
 from fx_shard.errors import FxShardError, PlanError
-from fx_shard.layers import SplitLinear
-from fx_shard.sharding import SHARDING_KEY, Spec, axis_names, local_shape
-from fx_shard.xla import _torch_xla, mesh_for, mesh_shape_of, param_specs, xla_device
+from fx_shard.sharding import SHARDING_KEY
+from fx_shard.split_linear import SplitLinear
+from fx_shard.xla import mesh_for, mesh_shape_of, param_specs, xla_device
 
 __all__ = ["load_sharded", "shard_indices"]
 
@@ -110,6 +113,7 @@ def load_sharded(
         buffer = buffer.to(device)
         for path, field in group.owners:
             gm.get_submodule(path)._buffers[field] = buffer
+    generate_code(gm)
     logger.info("load_sharded: %d tensors into %s", len(plan), type(gm).__name__)
     return gm
 
@@ -380,13 +384,8 @@ def _load_param(
 ) -> torch.Tensor:
     if spec is None:
         return _read(reader, location, _full_index(param.shape)).to(param.dtype).to(device)
-    torch_xla = _torch_xla()
     pieces = _device_pieces(reader, location, param.shape, spec, mesh, param.dtype)
-    local = [int(d.split(":")[-1]) for d in torch_xla._XLAC._xla_get_runtime_devices()]
-    view, spec = mesh_for(mesh, spec)
-    return torch_xla._XLAC._global_tensor_from_cpu_shards(
-        [pieces[d] for d in local], view.get_op_sharding(tuple(spec)), list(param.shape)
-    )
+    return xla.global_tensor_from_shards([pieces[d] for d in xla.runtime_device_ids()], mesh, spec, list(param.shape))
 
 
 def _install(gm: fx.GraphModule, group: _Group, loaded: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from fx_shard import xla
 from fx_shard.errors import FxShardError
 from fx_shard.hlo import (
     CollectiveStats,
@@ -26,7 +27,7 @@ from fx_shard.hlo import (
     program_memory,
     program_signature,
 )
-from fx_shard.xla import _torch_xla, hlo_dump_dir, xla_device
+from fx_shard.xla import hlo_dump_dir, xla_device
 
 __all__ = ["Collectives", "collectives", "device_parameter_bytes"]
 
@@ -73,7 +74,6 @@ def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] |
     again; the earlier dump is found by its content. Needs the HLO dump that
     ``fx_shard.init_runtime`` sets up before the runtime starts.
     """
-    torch_xla = _torch_xla()
     dump = hlo_dump_dir()
     if dump is None or "--xla_dump_hlo_as_text" not in os.environ.get("XLA_FLAGS", ""):
         raise FxShardError(
@@ -94,9 +94,9 @@ def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] |
         value = loss(model(*moved_args, **moved_kwargs))
         value.backward()
         tensors = [value.detach(), *(p.grad for p in params if p.grad is not None)]
-    signature = program_signature(torch_xla._XLAC._get_xla_tensors_hlo(tensors))
+    signature = program_signature(xla.tensors_hlo(tensors))
     before = dump_snapshot(dump)
-    torch_xla._XLAC._xla_sync_multi(tensors, [], True, True)
+    xla.sync(tensors)
     for p, grad in zip(params, saved):
         p.grad = grad
     files = partitioned_modules(dump, before)
@@ -119,12 +119,4 @@ def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] |
 
 def device_parameter_bytes(model: nn.Module) -> int:
     """Bytes the parameters of ``model`` take on one device, read from torch_xla's shards."""
-    torch_xla = _torch_xla()
-    total = 0
-    for param in {id(p): p for p in model.parameters()}.values():
-        if torch_xla._XLAC._get_xla_sharding_spec(param):
-            shard, _device = torch_xla._XLAC._get_local_shards([param])[0][0]
-            total += shard.numel() * param.element_size()
-        else:
-            total += param.numel() * param.element_size()
-    return total
+    return sum(xla.local_shard_bytes(param) for param in {id(p): p for p in model.parameters()}.values())

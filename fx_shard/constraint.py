@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from fx_shard.sharding import Spec
+from fx_shard.axes import Spec
 
 __all__ = ["ShardingConstraint"]
 
@@ -15,7 +17,9 @@ class ShardingConstraint(nn.Module):
 
     ``spec`` names the trailing dimensions (leading ones are replicated), so
     one constraint serves any batch rank; ``()`` means fully replicated.
-    Until ``materialize`` gives it a mesh (and off XLA) it does nothing.
+    Until ``fx_shard.xla.place_constraint`` gives it a mesh (and off XLA) it
+    does nothing; the marking itself is the XLA door's, so this module
+    never imports torch_xla.
     """
 
     def __init__(self, spec: Spec) -> None:
@@ -24,27 +28,17 @@ class ShardingConstraint(nn.Module):
         self.mesh = None
         self.torch_xla_spec = self.spec
         self.mesh_text = ""
+        self.marker: Callable | None = None
 
-    def place(self, mesh) -> None:
-        """Give the constraint its mesh (``materialize`` does), as torch_xla takes it (sub-axes resolved).
-
-        The mesh's text is made here, outside any trace: dynamo cannot trace ``str(mesh)``.
-        """
-        from fx_shard.xla import mesh_for
-
-        self.mesh, self.torch_xla_spec = mesh_for(mesh, self.spec)
-        self.mesh_text = str(self.mesh)
+    def place(self, mesh, torch_xla_spec: Spec, mesh_text: str, marker: Callable) -> None:
+        """Give the constraint its mesh, its spec as torch_xla takes it, the mesh's text and the marking call."""
+        self.mesh, self.torch_xla_spec, self.mesh_text, self.marker = mesh, tuple(torch_xla_spec), mesh_text, marker
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mesh is None or x.device.type != "xla":
             return x
         spec = (None,) * (x.dim() - len(self.torch_xla_spec)) + self.torch_xla_spec
-        if torch.compiler.is_compiling():  # traced: torch_xla's op form, which dynamo and aot_autograd keep
-            return torch.ops.xla.aot_mark_sharding(x, self.mesh_text, str(spec))
-        import torch_xla.distributed.spmd as xs
-
-        xs.mark_sharding(x, self.mesh, spec)
-        return x
+        return self.marker(x, self.mesh, self.mesh_text, spec)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}"

@@ -11,43 +11,26 @@ import logging
 import torch
 from torch import nn
 
+from fx_shard import styles
 from fx_shard.ops import einsum_attention
-from fx_shard.plan import LayerPlan
+from fx_shard.plan import Decision, first_match
+from fx_shard.sharding import SourceKind
+from fx_shard.styles import LayerPlan, LMHead, Replicate
 
-__all__ = ["ATTENTION", "HF_STYLES", "hf_plan", "use_einsum_attention"]
+__all__ = ["ATTENTION", "hf_plan", "use_einsum_attention"]
 
 logger = logging.getLogger(__name__)
 
 ATTENTION = "fx_shard_einsum"
 
-# transformers' tensor-parallel styles as fx_shard layer plans. Styles that
-# shard other dimensions (embedding_colwise), experts or MLA are replicated.
-HF_STYLES: dict[str, LayerPlan] = {
-    "colwise": LayerPlan("colwise"),
-    "local_colwise": LayerPlan("colwise"),
-    "colwise_rep": LayerPlan("colwise", gather_output=True),
-    "colwise_gather_output": LayerPlan("colwise", gather_output=True),
-    "rowwise": LayerPlan("rowwise"),
-    "local_rowwise": LayerPlan("rowwise"),
-    "rowwise_rep": LayerPlan("rowwise"),
-    "rowwise_split_input": LayerPlan("rowwise"),
-    "packed_colwise": LayerPlan("merged_colwise"),
-    "packed_rowwise": LayerPlan("rowwise"),
-    "embedding_rowwise": LayerPlan("vocab"),
-    "replicate": LayerPlan("replicate"),
-    "gather": LayerPlan("replicate"),
-    "local": LayerPlan("replicate"),
-    "sequence_parallel": LayerPlan("replicate"),
-    "replicated_with_grad_allreduce": LayerPlan("replicate"),
-}
+def hf_plan(model: nn.Module) -> dict[str, Decision]:
+    """``model``'s own plan (``_tp_plan``, else ``config.base_model_tp_plan``) as ``{pattern: decision}``.
 
-
-def hf_plan(model: nn.Module) -> dict[str, tuple[LayerPlan, str]]:
-    """``model``'s own plan (``_tp_plan``, else ``config.base_model_tp_plan``) as ``{pattern: (plan, hf style)}``.
-
-    An LM head planned ``colwise_gather_output`` becomes style ``lm_head``:
-    transformers gathers the logits on every device, fx_shard keeps them
-    vocabulary-sharded until they are read (same values, no all-gather).
+    Each Hugging Face style maps to the fx_shard style that names it in its
+    ``hf_styles``; one no style names (experts, MLA, other dimensions) is
+    replicated. The LM head (``get_output_embeddings``) planned
+    ``colwise_gather_output`` becomes style ``lm_head``: transformers gathers the logits on every device, fx_shard
+    keeps them vocabulary-sharded until they are read (same values, no all-gather).
     """
     plan = dict(getattr(model, "_tp_plan", None) or {})
     config = getattr(model, "config", None)
@@ -55,16 +38,24 @@ def hf_plan(model: nn.Module) -> dict[str, tuple[LayerPlan, str]]:
         prefix = getattr(model, "base_model_prefix", "")
         base = prefix if prefix and hasattr(model, prefix) else ""
         plan = {f"{base}.{k}" if base else k: v for k, v in config.base_model_tp_plan.items()}
+    head = _output_embeddings_path(model)
     mapped = {}
     for pattern, style in plan.items():
-        layer = HF_STYLES.get(style)
+        layer = styles.from_hf(style)
         if layer is None:
             logger.info("Hugging Face plan entry %r: style %r has no fx_shard equivalent; replicated", pattern, style)
-            layer = LayerPlan("replicate")
-        if style == "colwise_gather_output" and pattern.rsplit(".", 1)[-1] == "lm_head":
-            layer, style = LayerPlan("lm_head"), f"{style}; fx_shard keeps the logits vocabulary-sharded"
-        mapped[pattern] = (layer, style)
+            layer = LayerPlan(Replicate.name)
+        if style == "colwise_gather_output" and head is not None and first_match({pattern: None}, head) is not None:
+            layer, style = LayerPlan(LMHead.name), f"{style}; fx_shard keeps the logits vocabulary-sharded"
+        mapped[pattern] = Decision(layer, SourceKind.MODEL_PLAN, f"model plan {pattern!r} ({style})")
     return mapped
+
+
+def _output_embeddings_path(model: nn.Module) -> str | None:
+    """The module path of the model's LM head (``get_output_embeddings``), if it has one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return next((path for path, m in model.named_modules() if m is head), None) if head is not None else None
 
 
 def einsum_attention_forward(

@@ -17,8 +17,10 @@ The memory usage report exists on CPU. It starts with ``Total bytes used: 468
 (468B)``: the sum of all buffer allocations of one device's program
 (parameters, outputs, temporaries, thread-local scalars), followed by the
 allocations sorted by size. That total is what :func:`program_memory` returns;
-it is an allocation total, not the live peak (the buffer-assignment file has
-the peak, "Live ranges at N (peak)", which is smaller when buffers are reused).
+it is an allocation total, not the live peak. The buffer-assignment file has
+the peak ("Live ranges at N (peak)", then ``Stack trace breakdown for peak
+usage: 1 248 bytes``, digits grouped by spaces), which is smaller when buffers
+are reused; :func:`program_peak_memory` returns it.
 
 Program names: the model's step is ``SyncTensorsGraph.<n>`` (also under
 ``torch.compile(backend="openxla")``); calling ``.cpu()`` on a sharded result
@@ -31,6 +33,7 @@ per process: a reused directory has its files overwritten under the same names.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ TRANSFER_PROGRAMS: tuple[str, ...] = ("ReplicateShardedData",)
 
 _PARTITIONED_SUFFIX = "after_optimizations.txt"
 _MEMORY_REPORT_SUFFIX = "-memory-usage-report.txt"
+_BUFFER_ASSIGNMENT_SUFFIX = "-buffer-assignment.txt"
 
 # Bits per element of HLO primitive types; token/opaque carry no data.
 _ELEMENT_BITS: dict[str, int] = {
@@ -70,6 +74,8 @@ _INSTRUCTION_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*")
 _OPCODE = re.compile(r"\s*(?P<op>[a-z][\w\-]*)\(")
 _ARRAY_SHAPE = re.compile(r"\b(?P<dtype>[a-z][a-z0-9]*)\[(?P<dims>[^\]]*)\]")
 _TOTAL_BYTES = re.compile(r"Total bytes used:\s*(\d+)")
+_PEAK_BYTES = re.compile(r"peak usage:\s*([\d ,]+) bytes")
+_LHS_CONTRACTING = re.compile(r"\blhs_contracting_dims=\{(?P<dims>[\d,]*)\}")
 
 
 @dataclass(frozen=True)
@@ -140,24 +146,43 @@ def _parse_instruction(line: str) -> _Instruction | None:
     return _Instruction(head.group("name"), shape, op.group("op"), operands, rest[close:].strip())
 
 
-def _top_level_elements(shape: str) -> list[str]:
-    """The elements of a tuple shape ``(a, b, ...)``; ``[shape]`` for an array."""
-    shape = shape.strip()
-    if not shape.startswith("("):
-        return [shape]
-    inner = shape[1:_matching_paren(shape, 0) - 1]
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets, each part stripped (a
+    trailing empty part dropped): the elements of a tuple or an operand list."""
     elements, depth, start = [], 0, 0
-    for i, ch in enumerate(inner):
+    for i, ch in enumerate(text):
         if ch in "([{":
             depth += 1
         elif ch in ")]}":
             depth -= 1
         elif ch == "," and depth == 0:
-            elements.append(inner[start:i].strip())
+            elements.append(text[start:i].strip())
             start = i + 1
-    if inner[start:].strip():
-        elements.append(inner[start:].strip())
+    if text[start:].strip():
+        elements.append(text[start:].strip())
     return elements
+
+
+def _top_level_elements(shape: str) -> list[str]:
+    """The elements of a tuple shape ``(a, b, ...)``; ``[shape]`` for an array."""
+    shape = shape.strip()
+    if not shape.startswith("("):
+        return [shape]
+    return _split_top_level(shape[1:_matching_paren(shape, 0) - 1])
+
+
+def _dims(text: str) -> list[int]:
+    """The sizes in the brackets of an array shape, ``"4,<=8"`` giving [4, 8]
+    (a bounded dynamic dimension counts at its bound)."""
+    return [int(d.strip().removeprefix("<=")) for d in text.split(",") if d.strip()]
+
+
+def _array_dims(shape: str) -> list[int] | None:
+    """The dimensions of a shape that starts with an array type
+    (``f32[4,16]{1,0}``, also ``f32[4,16]{1,0} %operand``); None otherwise
+    (a tuple shape, an operand printed without its shape)."""
+    match = _ARRAY_SHAPE.match(shape.strip())
+    return None if match is None else _dims(match.group("dims"))
 
 
 def shape_bytes(shape: str) -> int:
@@ -173,9 +198,7 @@ def shape_bytes(shape: str) -> int:
         if bits is None:
             logger.warning("unknown HLO element type %r in shape %r; counted as 0 bytes", dtype, shape)
             continue
-        elements = 1
-        for dim in filter(None, (d.strip() for d in m.group("dims").split(","))):
-            elements *= int(dim.removeprefix("<="))
+        elements = math.prod(_dims(m.group("dims")))
         total_bits += (elements * bits + 7) // 8 * 8
     return total_bits // 8
 
@@ -229,6 +252,36 @@ def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
     return {op: CollectiveStats(counts[op], sizes[op]) for op in COLLECTIVE_OPS}
 
 
+def matmul_flops(hlo_text: str) -> int:
+    """FLOPs of the ``dot`` instructions of one HLO module: 2 x result elements
+    x contracted elements for each (a multiply and an add per pair), summed.
+
+    The contracted size is read from the left operand's shape, printed with the
+    operand or else that of the instruction defining it. In a partitioned
+    module these are per-device FLOPs. Static like :func:`count_collectives`
+    (a dot in a loop body counts once); convolutions and custom-call matmuls
+    are not counted.
+    """
+    instructions = [i for i in map(_parse_instruction, hlo_text.splitlines()) if i is not None]
+    dims_of = {i.name: dims for i in instructions if (dims := _array_dims(i.shape)) is not None}
+    total = 0
+    for inst in instructions:
+        contracting = _LHS_CONTRACTING.search(inst.attributes)
+        operands = _split_top_level(inst.operands)
+        if inst.opcode != "dot" or contracting is None or not operands or inst.name not in dims_of:
+            continue
+        lhs = operands[0]  # "%name" or "f32[4,16]{1,0} %name"
+        lhs_dims = _array_dims(lhs)
+        if lhs_dims is None:
+            lhs_dims = dims_of.get(lhs.split()[-1].lstrip("%"))
+        if lhs_dims is None:
+            logger.debug("dot %s: shape of its left operand %r not found; not counted", inst.name, lhs)
+            continue
+        contracted = math.prod(lhs_dims[d] for d in _dims(contracting.group("dims")))
+        total += 2 * math.prod(dims_of[inst.name]) * contracted
+    return total
+
+
 def dump_snapshot(dump_dir: str | Path) -> set[str]:
     """Names of the files now in ``dump_dir`` (empty if it does not exist yet),
     to pass as ``after=`` and so get only the programs compiled since."""
@@ -260,17 +313,30 @@ def is_transfer_program(module_file: Path) -> bool:
     return program_name(module_file).split(".")[0] in TRANSFER_PROGRAMS
 
 
+def _report_bytes(dump_dir: str | Path, module_file: Path, suffix: str, pattern: re.Pattern) -> int | None:
+    """The byte count ``pattern`` finds in the report named ``module_file`` +
+    ``suffix`` in ``dump_dir`` (digit groups joined), or None."""
+    report = Path(dump_dir) / (Path(module_file).name.removesuffix(".txt") + suffix)
+    if not report.is_file():
+        logger.debug("no report %s", report)
+        return None
+    match = pattern.search(report.read_text(errors="replace"))
+    return int(re.sub(r"[ ,]", "", match.group(1))) if match else None
+
+
 def program_memory(dump_dir: str | Path, module_file: Path) -> int | None:
     """Per-device bytes allocated by a program: ``Total bytes used`` from the
     memory usage report written beside ``module_file``, or None when there is
     no report (or it has no total)."""
-    name = Path(module_file).name.removesuffix(".txt") + _MEMORY_REPORT_SUFFIX
-    report = Path(dump_dir) / name
-    if not report.is_file():
-        logger.debug("no memory usage report %s", report)
-        return None
-    match = _TOTAL_BYTES.search(report.read_text(errors="replace"))
-    return int(match.group(1)) if match else None
+    return _report_bytes(dump_dir, module_file, _MEMORY_REPORT_SUFFIX, _TOTAL_BYTES)
+
+
+def program_peak_memory(dump_dir: str | Path, module_file: Path) -> int | None:
+    """Per-device live peak of a program's buffers: the ``peak usage`` of the
+    buffer assignment written beside ``module_file`` (at most
+    :func:`program_memory`, less when buffers are reused), or None when there
+    is no buffer assignment (or it has no peak)."""
+    return _report_bytes(dump_dir, module_file, _BUFFER_ASSIGNMENT_SUFFIX, _PEAK_BYTES)
 
 
 def collectives_in(files: list[Path], include_transfers: bool = False) -> dict[str, CollectiveStats]:

@@ -27,12 +27,32 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fx_shard.capture import is_linear_like
+from fx_shard.geometry import in_features, out_features
 from fx_shard.ops import batched_matmul, einsum_attention
-from fx_shard.layers import in_features, out_features
-from fx_shard.patterns import RESHAPE, op_of, parts_axis, rank, shape_args, shape_of, split_sections, static_int
-from fx_shard.plan import LayerPlan
+from fx_shard.patterns import (
+    RESHAPE,
+    op_of,
+    parts_axis,
+    rank,
+    shape_args,
+    shape_of,
+    split_sections,
+    static_int,
+)
+from fx_shard.plan import Decision
+from fx_shard.sharding import SourceKind
+from fx_shard.styles import (
+    QKV,
+    Colwise,
+    LayerPlan,
+    LMHead,
+    MergedColwise,
+    Replicate,
+    Rowwise,
+    Vocab,
+)
 
-__all__ = ["Inferred", "infer_from_export", "infer_plan"]
+__all__ = ["inferred", "infer_from_export", "infer_plan"]
 
 _ATEN = torch.ops.aten
 # The argument an ATen linear-like op reads its activation from.
@@ -48,12 +68,9 @@ _FEATURE_REDUCTIONS = {"mean", "sum", "var", "std", "norm", "amax", "amin", "max
                        "log_softmax", "argmax", "argmin", "topk", "cumsum"}
 
 
-@dataclass(frozen=True)
-class Inferred:
-    """One inferred decision: the layer plan and why."""
-
-    layer: LayerPlan
-    reason: str
+def inferred(style: str, reason: str, **options) -> Decision:
+    """A decision the data flow supports: ``style`` with ``options``, and why."""
+    return Decision(LayerPlan(style, **options), SourceKind.INFERRED, reason)
 
 
 @dataclass
@@ -62,7 +79,7 @@ class _Reach:
     escaped: str | None  # what stopped the walk, when the output must be whole there
 
 
-def infer_plan(gm: fx.GraphModule, ways: int, prefix: str = "") -> dict[str, Inferred]:
+def infer_plan(gm: fx.GraphModule, ways: int, prefix: str = "") -> dict[str, Decision]:
     """A decision for each linear-like layer of ``gm`` that the data flow supports, keyed by module path.
 
     ``ways`` is the tensor-parallel size: a layer whose sharded dimension it
@@ -78,7 +95,7 @@ def infer_plan(gm: fx.GraphModule, ways: int, prefix: str = "") -> dict[str, Inf
     return _infer(layers, ways, lambda node: gm.get_submodule(node.target), list(gm.modules()), inputs)
 
 
-def infer_from_export(model: nn.Module, args: tuple, kwargs: Mapping, ways: int) -> dict[str, Inferred]:
+def infer_from_export(model: nn.Module, args: tuple, kwargs: Mapping, ways: int) -> dict[str, Decision]:
     """The same inference on the ATen graph ``torch.export`` (non-strict) captures with example inputs.
 
     For models torch.fx cannot trace: each ATen op that reads a linear-like
@@ -122,12 +139,12 @@ def _infer(
     module_called: Callable[[fx.Node], nn.Module | None],
     all_modules: list[nn.Module],
     inputs: set[fx.Node],
-) -> dict[str, Inferred]:
+) -> dict[str, Decision]:
     """The inference over any graph whose linear-like layers are ``layers`` (node -> (path, module)).
 
     ``inputs`` are the model's own inputs (not parameters or buffers).
     """
-    decisions: dict[str, Inferred] = {}
+    decisions: dict[str, Decision] = {}
     unpaired: dict[str, str] = {}
     rows: dict[str, list[str]] = {}  # row-parallel layer -> the column layers feeding it
     by_path = {path: module for path, module in layers.values()}
@@ -138,7 +155,7 @@ def _infer(
                 source = source.args[0]
             fed_by_input = source in inputs
             if fed_by_input and module.weight.shape[0] % ways == 0:
-                decisions[path] = Inferred(LayerPlan("vocab"), "inferred: embedding of a model input (vocabulary rows)")
+                decisions[path] = inferred(Vocab.name, "inferred: embedding of a model input (vocabulary rows)")
             else:
                 why = f"{module.weight.shape[0]} rows do not split {ways} ways" if fed_by_input else "not the embedding of a model input"
                 unpaired.setdefault(path, why)
@@ -151,36 +168,34 @@ def _infer(
                 rows.setdefault(r, []).append(path)
             decisions.update(_pair(node, path, module, {r: (by_path[r], rows[r]) for r in reach.linears}, ways))
         elif reach.escaped == "output" and _is_head(module, all_modules, ways):
-            decisions[path] = Inferred(LayerPlan("lm_head"), "inferred: projects to the model's output, widening")
+            decisions[path] = inferred(LMHead.name, "inferred: projects to the model's output, widening")
         else:
             unpaired[path] = f"its output is needed whole at {reach.escaped}" if reach.escaped else "feeds no other linear"
     for path, why in unpaired.items():
-        decisions.setdefault(path, Inferred(LayerPlan("replicate"), f"inferred: replicated, {why}"))
+        decisions.setdefault(path, inferred(Replicate.name, f"inferred: replicated, {why}"))
     return decisions
 
 
 def _pair(
     node: fx.Node, path: str, module: nn.Module, rows: Mapping[str, tuple[nn.Module, list[str]]], ways: int
-) -> dict[str, Inferred]:
+) -> dict[str, Decision]:
     """Column decision for ``node`` and row decisions for its partners, or replication when ``ways`` does not divide."""
     outputs = out_features(module)
     fused = _fused_layout(node, outputs)
     partners = ", ".join(rows)
     if fused is not None:
         style, sizes, how = fused
-        layer = LayerPlan(style, output_sizes=tuple(sizes))
-        reason = f"inferred: fused {style} ({how}), column-parallel into {partners}"
+        decision = inferred(style, f"inferred: fused {style} ({how}), column-parallel into {partners}", output_sizes=tuple(sizes))
         divides = all(s % ways == 0 for s in sizes)
     else:
-        layer = LayerPlan("colwise")
-        reason = f"inferred: column-parallel into {partners}"
+        decision = inferred(Colwise.name, f"inferred: column-parallel into {partners}")
         divides = outputs % ways == 0
     if not divides:
-        return {path: Inferred(LayerPlan("replicate"), f"inferred: replicated, {outputs} output features do not split {ways} ways")}
-    decisions = {path: Inferred(layer, reason)}
+        return {path: inferred(Replicate.name, f"inferred: replicated, {outputs} output features do not split {ways} ways")}
+    decisions = {path: decision}
     for row, (row_module, feeders) in rows.items():
         if in_features(row_module) % ways == 0:
-            decisions[row] = Inferred(LayerPlan("rowwise"), f"inferred: row-parallel after {', '.join(feeders)}")
+            decisions[row] = inferred(Rowwise.name, f"inferred: row-parallel after {', '.join(feeders)}")
     return decisions
 
 
@@ -256,13 +271,13 @@ def _fused_layout(node: fx.Node, features: int) -> tuple[str, list[int], str] | 
     for user in output.users:
         sections = split_sections(user, output, features)
         if sections is not None and len(sections) in (2, 3):
-            style = "qkv" if len(sections) == 3 else "merged_colwise"
+            style = QKV.name if len(sections) == 3 else MergedColwise.name
             return style, sections, f"output split {sections}"
         if op_of(user) in RESHAPE and user.args[0] is output:
             values = [static_int(v, {output: features}) for v in shape_args(user)]
             for parts in (3, 2):
                 if features % parts == 0 and parts_axis(values, parts, features // parts) is not None:
-                    style = "qkv" if parts == 3 else "merged_colwise"
+                    style = QKV.name if parts == 3 else MergedColwise.name
                     return style, [features // parts] * parts, f"output reshaped to {parts} parts"
     return None
 

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fx_shard.layers import split_parts
+from fx_shard.fused import split_parts
 
 __all__ = ["batched_matmul", "einsum", "einsum_attention", "fused_part"]
 

@@ -5,15 +5,16 @@ A ``ShardPlan`` is ordered data. Precedence, highest first:
 1. an exact module name in the plan's entries;
 2. the first glob (``fnmatch``, ``*`` crosses dots) or ``re:`` regex entry
    that matches, in insertion order;
-3. the seed's rules by layer class name (``layers.CLASS_STYLES``), base
-   classes included;
+3. the seed's rules by layer class name (each style's ``vllm_classes``),
+   base classes included;
 4. with ``auto``, the model's own plan (a Hugging Face ``_tp_plan``), then
    what ``fx_shard.infer`` finds in the graph's data flow;
 5. otherwise the layer stays replicated, and the record says no rule covered it.
 
-``resolve`` turns the plan into one ``ShardingRecord`` per layer before any
-graph rewriting, checking every entry matched something and every sharded
-dimension divides by the mesh axis.
+``decide`` is that precedence, the one place it is written; ``resolve``
+turns the plan into one ``ShardingRecord`` per layer before any graph
+rewriting, checking every entry matched something and every sharded
+dimension divides by the mesh axis (each style checks its own layers).
 """
 
 from __future__ import annotations
@@ -23,72 +24,31 @@ import fnmatch
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from torch import nn
 
+from fx_shard import styles
+from fx_shard.axes import Axis, axis_names, axis_size
 from fx_shard.errors import PlanError
+from fx_shard.sharding import ShardingRecord, SourceKind
+from fx_shard.styles import LayerPlan, Replicate
 
-if TYPE_CHECKING:
-    from fx_shard.infer import Inferred
-from fx_shard.layers import class_style, in_features, out_features, output_dim
-from fx_shard.sharding import Axis, ShardingRecord, Spec, axis_names, axis_size
-
-__all__ = ["STYLES", "LayerPlan", "ShardPlan", "first_match", "resolve_tp_axis"]
+__all__ = ["Decision", "ShardPlan", "decide", "first_match", "resolve_tp_axis"]
 
 logger = logging.getLogger(__name__)
 
-STYLES: tuple[str, ...] = ("colwise", "rowwise", "qkv", "merged_colwise", "vocab", "lm_head", "replicate")
-_FUSED = ("qkv", "merged_colwise")
-_EMBEDDING_STYLES = ("vocab", "replicate")
-
 
 @dataclass(frozen=True)
-class LayerPlan:
-    """One plan entry's value: a style, and for fused layers how the output splits.
+class Decision:
+    """What one plan source says about one layer: the layer plan, which kind of source, and why in words."""
 
-    For ``qkv`` on a layer that does not carry ``output_sizes`` itself, give
-    ``output_sizes`` or ``num_heads`` (and ``num_kv_heads`` for grouped
-    attention); with neither, the output splits in three equal parts.
-    ``gather_output`` replicates a column-parallel output (e.g. logits) on
-    every device; by default it stays sharded (gathered only on ``.cpu()``).
-    """
+    layer: LayerPlan
+    kind: SourceKind
+    reason: str
 
-    style: str
-    output_sizes: tuple[int, ...] | None = None
-    num_heads: int | None = None
-    num_kv_heads: int | None = None
-    gather_output: bool = False
 
-    @classmethod
-    def parse(cls, value: str | Mapping | LayerPlan, entry: str) -> LayerPlan:
-        """A ``LayerPlan`` from a style name, a dict of its fields, or itself."""
-        if isinstance(value, LayerPlan):
-            layer = value
-        elif isinstance(value, str):
-            layer = cls(value)
-        elif isinstance(value, Mapping):
-            unknown = set(value) - {"style", "output_sizes", "num_heads", "num_kv_heads", "gather_output"}
-            if unknown or "style" not in value:
-                raise PlanError(
-                    f"plan entry {entry!r}: {dict(value)!r} is not a layer plan; "
-                    "give a style name or a dict with 'style' and optionally "
-                    "'output_sizes', 'num_heads', 'num_kv_heads', 'gather_output'"
-                )
-            sizes = value.get("output_sizes")
-            layer = cls(value["style"], tuple(sizes) if sizes is not None else None,
-                        value.get("num_heads"), value.get("num_kv_heads"), bool(value.get("gather_output", False)))
-        else:
-            raise PlanError(f"plan entry {entry!r}: {value!r} is not a style; styles: {', '.join(STYLES)}")
-        if layer.style not in STYLES:
-            raise PlanError(f"plan entry {entry!r}: unknown style {layer.style!r}; styles: {', '.join(STYLES)}")
-        return layer
-
-    def to_data(self) -> str | dict:
-        """The plain-data form: the style name alone when nothing else is set."""
-        data = {k: v for k, v in asdict(self).items() if v is not None and v is not False}
-        return self.style if len(data) == 1 else data
+NO_RULE = Decision(LayerPlan(Replicate.name), SourceKind.DEFAULT, "no rule covers it")
 
 
 class ShardPlan:
@@ -156,39 +116,51 @@ class ShardPlan:
         modules: Mapping[str, nn.Module],
         mesh_shape: Mapping[str, int],
         tp_axis: Axis,
-        inferred: Mapping[str, Inferred] | None = None,
-        model_plan: Mapping[str, tuple[LayerPlan, str]] | None = None,
+        inferred: Mapping[str, Decision] | None = None,
+        model_plan: Mapping[str, Decision] | None = None,
     ) -> dict[str, ShardingRecord]:
         """One record per linear-like module (name -> module, in graph order).
 
         What entries and class rules leave open is decided by ``model_plan``
-        (the model's own, e.g. a Hugging Face ``_tp_plan``: pattern -> (plan,
-        its style name)), then by ``inferred`` (``infer.infer_plan``).
+        (the model's own, e.g. a Hugging Face ``_tp_plan``: pattern ->
+        decision), then by ``inferred`` (``infer.infer_plan``); see ``decide``.
         """
         records: dict[str, ShardingRecord] = {}
         used: set[str] = set()
+        ways = axis_size(mesh_shape, tp_axis)
         for name, module in modules.items():
-            entry = self.match(name)
-            rule = class_style(module) if self.class_rules else None
-            if entry is not None:
-                used.add(entry)
-                layer, source = self.entries[entry], f"plan entry {entry!r}"
-            elif rule is not None:
-                layer, source = LayerPlan(rule[0]), f"class rule {rule[1]}"
-            elif model_plan and (pattern := first_match(model_plan, name)) is not None:
-                layer, source = model_plan[pattern][0], f"model plan {pattern!r} ({model_plan[pattern][1]})"
-            elif inferred and name in inferred:
-                layer, source = inferred[name].layer, inferred[name].reason
-            else:
-                layer, source = LayerPlan("replicate"), "no rule covers it"
-            records[name] = _record(name, module, layer, source, axis_size(mesh_shape, tp_axis), tp_axis)
+            decision = decide(self, name, module, model_plan, inferred)
+            if decision.kind is SourceKind.PLAN_ENTRY:
+                used.add(self.match(name))
+            records[name] = _record(name, module, decision, ways, tp_axis)
         unused = [p for p in self.entries if p not in used]
         if unused:
             raise PlanError(_unmatched_message(unused, list(modules)))
-        uncovered = [n for n, r in records.items() if r.source == "no rule covers it"]
+        uncovered = [n for n, r in records.items() if r.source_kind is SourceKind.DEFAULT]
         if uncovered:
             logger.info("replicated, no rule covers them: %s", ", ".join(uncovered))
         return records
+
+
+def decide(
+    plan: ShardPlan,
+    name: str,
+    module: nn.Module,
+    model_plan: Mapping[str, Decision] | None = None,
+    inferred: Mapping[str, Decision] | None = None,
+) -> Decision:
+    """The decision for layer ``name``, by the precedence in this module's docstring."""
+    entry = plan.match(name)
+    if entry is not None:
+        return Decision(plan.entries[entry], SourceKind.PLAN_ENTRY, f"plan entry {entry!r}")
+    rule = styles.for_class(module) if plan.class_rules else None
+    if rule is not None:
+        return Decision(LayerPlan(rule[0].name), SourceKind.CLASS_RULE, f"class rule {rule[1]}")
+    if model_plan and (pattern := first_match(model_plan, name)) is not None:
+        return model_plan[pattern]
+    if inferred and name in inferred:
+        return inferred[name]
+    return NO_RULE
 
 
 def first_match(patterns: Mapping[str, object], name: str) -> str | None:
@@ -232,77 +204,17 @@ def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: Axis | None = None) 
     )
 
 
-def _record(name: str, module: nn.Module, layer: LayerPlan, source: str, n: int, axis: Axis) -> ShardingRecord:
+def _record(name: str, module: nn.Module, decision: Decision, ways: int, axis: Axis) -> ShardingRecord:
+    layer = decision.layer
     weight = getattr(module, "weight", None)
     if weight is None or weight.dim() != 2:
         raise PlanError(f"{name} ({type(module).__name__}) has no 2-D weight; it cannot take style {layer.style!r}")
-    has_bias = getattr(module, "bias", None) is not None
-    is_embedding = isinstance(module, nn.Embedding) or (class_style(module) or ("",))[0] == "vocab"
-    if is_embedding and layer.style not in _EMBEDDING_STYLES:
-        raise PlanError(
-            f"style {layer.style!r} does not apply to embedding {name} ({type(module).__name__}); "
-            f"use one of {', '.join(_EMBEDDING_STYLES)}"
-        )
-    if not is_embedding and layer.style == "vocab":
-        raise PlanError(f"style 'vocab' applies to embeddings, not to {name} ({type(module).__name__}); use 'lm_head' or 'colwise'")
-    if layer.gather_output and layer.style not in ("colwise", "lm_head"):
-        raise PlanError(f"{name}: gather_output applies to styles colwise and lm_head, not {layer.style!r}")
-    outputs, inputs = out_features(module), in_features(module)
-    # Weight specs for a (out, in) layout, flipped for Conv1D's (in, out).
-    column, row = ((axis, None), (None, axis))[:: 1 if output_dim(module) == 0 else -1]
-    sizes: tuple[int, ...] = ()
-    specs: dict[str, Spec] = {}
-    if layer.style == "rowwise":
-        _check_divides(name, "input features", inputs, n, axis)
-        specs["weight"] = row
-    elif layer.style != "replicate":
-        sizes = _output_sizes(name, module, layer, outputs) if layer.style in _FUSED else ()
-        for size in sizes or (outputs,):
-            _check_divides(name, "output features" if not sizes else f"part size (of {list(sizes)})", size, n, axis)
-        specs["weight"] = column
-        if has_bias:
-            specs["bias"] = (axis,)
-    return ShardingRecord(layer.style, specs, source, sizes, output_spec=() if layer.gather_output else None)
-
-
-def _output_sizes(name: str, module: nn.Module, layer: LayerPlan, out_features: int) -> tuple[int, ...]:
-    """How a fused layer's output splits: the plan's sizes, the layer's own, head counts, or equal parts."""
-    parts = 3 if layer.style == "qkv" else 2
-    sizes = layer.output_sizes or tuple(getattr(module, "output_sizes", ()) or ())
-    if len(sizes) == 1:
-        sizes = ()
-    if not sizes and layer.num_heads is not None:
-        kv = layer.num_kv_heads or layer.num_heads
-        head_dim, rest = divmod(out_features, layer.num_heads + 2 * kv)
-        if rest:
-            raise PlanError(
-                f"{name}: {out_features} output features do not hold {layer.num_heads} q heads and "
-                f"{kv} k/v heads each of one head_dim; check num_heads / num_kv_heads"
-            )
-        sizes = (layer.num_heads * head_dim, kv * head_dim, kv * head_dim)
-    if not sizes:
-        if out_features % parts:
-            raise PlanError(
-                f"{name}: {out_features} output features do not split into {parts} equal parts; "
-                "give output_sizes (or num_heads/num_kv_heads) in the plan entry"
-            )
-        sizes = (out_features // parts,) * parts
-    if sum(sizes) != out_features or (layer.style == "qkv" and len(sizes) != 3):
-        raise PlanError(
-            f"{name} ({type(module).__name__}): output_sizes {list(sizes)} do not add up to its "
-            f"{out_features} output features{' in 3 parts' if layer.style == 'qkv' else ''}; "
-            "fix output_sizes or the head counts"
-        )
-    return tuple(sizes)
-
-
-def _check_divides(name: str, what: str, size: int, n: int, axis: Axis) -> None:
-    if size % n:
-        divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= n]
-        raise PlanError(
-            f"{what} ({size}) of {name} are not divisible by mesh axis {axis!r} ({n}); "
-            f"use a mesh axis of {', '.join(map(str, divisors))}, or replicate this layer in the plan"
-        )
+    style = styles.get(layer.style)
+    sizes = style.check(name, module, layer, ways, axis)
+    return ShardingRecord(
+        layer.style, style.param_specs(module, axis), decision.reason, sizes,
+        output_spec=() if layer.gather_output else None, source_kind=decision.kind,
+    )
 
 
 def _unmatched_message(unused: list[str], names: list[str]) -> str:

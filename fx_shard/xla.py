@@ -1,7 +1,8 @@
-"""Everything that touches torch_xla: runtime set-up, meshes, materialization.
+"""The one door to torch_xla: runtime set-up, meshes, materialization, and every torch_xla call fx_shard makes.
 
 Only this module imports torch_xla, and only inside functions, so capture,
-planning and the passes run without it.
+planning, the passes and the report run without it. Other modules (the
+compile backend, checkpoints, collective counting) call the functions here.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ import os
 import re
 import tempfile
 from pathlib import Path
+
 import torch
 from torch import fx
 
+from fx_shard.axes import Spec, axis_names, split_sub_axis
+from fx_shard.capture import generate_code
+from fx_shard.constraint import ShardingConstraint
 from fx_shard.errors import FxShardError, PlanError
-from fx_shard.sharding import Spec, axis_names, layer_parameters, model_sharding, split_sub_axis
+from fx_shard.sharding import layer_parameters, model_sharding
 
 __all__ = [
-    "hlo_dump_dir", "init_runtime", "param_specs", "make_mesh", "mark", "mesh_for", "to_device_keeping_ties",
-    "materialize", "mesh_shape_of", "xla_device",
+    "aot_mark_sharding", "global_tensor_from_shards", "hlo_dump_dir", "init_runtime", "local_shard_bytes",
+    "make_mesh", "mark", "materialize", "mesh_for", "mesh_shape_of", "param_specs", "place_constraint",
+    "runtime_device_ids", "sync", "tensors_hlo", "to_device_keeping_ties", "xla_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,21 +168,75 @@ def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
     two records asking different specs for it is an error. Sharding
     constraints in the graph get the mesh.
     """
-    from fx_shard.constraint import ShardingConstraint
-
+    generate_code(gm)
     to_device_keeping_ties(gm, xla_device())
     for param, spec, owner in param_specs(gm).values():
         mark(param, mesh, spec)
         logger.debug("%s: %s", owner, spec)
     for module in gm.modules():
         if isinstance(module, ShardingConstraint):
-            module.place(mesh)
-    for path, record in model_sharding(gm).layers.items():  # layers outside graphs: a hook, not a node
+            place_constraint(module, mesh)
+    summary = model_sharding(gm)
+    for path in summary.outside:  # layers outside graphs: a hook, not a node
+        record = summary.layers[path]
         if record.output_spec is not None:
             constraint = ShardingConstraint(record.output_spec)
-            constraint.place(mesh)
+            place_constraint(constraint, mesh)
             gm.get_submodule(path).register_forward_hook(lambda module, args, out, c=constraint: _constrain_first(c, out))
     return gm
+
+
+def place_constraint(constraint: ShardingConstraint, mesh) -> None:
+    """Give a ``ShardingConstraint`` its mesh, as torch_xla takes it (sub-axes resolved), and the marking call.
+
+    The mesh's text is made here, outside any trace: dynamo cannot trace ``str(mesh)``.
+    """
+    view, spec = mesh_for(mesh, constraint.spec)
+    constraint.place(view, spec, str(view), _mark_activation)
+
+
+def _mark_activation(x: torch.Tensor, mesh, mesh_text: str, spec: Spec) -> torch.Tensor:
+    """Pin ``x``'s sharding: torch_xla's op form when traced (dynamo and aot_autograd keep it), else eagerly."""
+    if torch.compiler.is_compiling():
+        return torch.ops.xla.aot_mark_sharding(x, mesh_text, str(spec))
+    _torch_xla().distributed.spmd.mark_sharding(x, mesh, spec)
+    return x
+
+
+def aot_mark_sharding():
+    """torch_xla's ``aot_mark_sharding`` op (``(tensor, mesh text, spec text)``), which aot_autograd can trace."""
+    _torch_xla()  # registers torch.ops.xla
+    return torch.ops.xla.aot_mark_sharding.default
+
+
+def sync(tensors: list[torch.Tensor]) -> None:
+    """Compute ``tensors`` on the device now (one XLA program)."""
+    _torch_xla()._XLAC._xla_sync_multi(tensors, [], True, True)
+
+
+def tensors_hlo(tensors: list[torch.Tensor]) -> str:
+    """The HLO text of the program that would compute ``tensors`` (before SPMD partitioning)."""
+    return _torch_xla()._XLAC._get_xla_tensors_hlo(tensors)
+
+
+def local_shard_bytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` takes on one device: its local shard if sharded, else all of it."""
+    torch_xla = _torch_xla()
+    if torch_xla._XLAC._get_xla_sharding_spec(tensor):
+        shard, _device = torch_xla._XLAC._get_local_shards([tensor])[0][0]
+        return shard.numel() * tensor.element_size()
+    return tensor.numel() * tensor.element_size()
+
+
+def runtime_device_ids() -> list[int]:
+    """The ids of this process's addressable XLA devices, in runtime order."""
+    return [int(d.split(":")[-1]) for d in _torch_xla()._XLAC._xla_get_runtime_devices()]
+
+
+def global_tensor_from_shards(pieces: list[torch.Tensor], mesh, spec: Spec, shape: list[int]) -> torch.Tensor:
+    """A sharded XLA tensor of ``shape`` built from each device's piece (in ``runtime_device_ids`` order)."""
+    view, spec = mesh_for(mesh, spec)
+    return _torch_xla()._XLAC._global_tensor_from_cpu_shards(pieces, view.get_op_sharding(tuple(spec)), shape)
 
 
 def _constrain_first(constraint, output):

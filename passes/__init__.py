@@ -4,6 +4,7 @@ from fx_shard.passes.annotate_sharding import AnnotateSharding
 from fx_shard.passes.attention_to_einsum import AttentionToEinsum
 from fx_shard.passes.fit_heads_to_mesh import FitHeadsToMesh
 from fx_shard.passes.fuse_sibling_linears import FuseSiblingLinears
+from fx_shard.passes.inlined_layers_to_modules import InlinedLayersToModules
 from fx_shard.passes.insert_sharding_constraints import InsertShardingConstraints
 from fx_shard.passes.interleave_fused_linear import InterleaveFusedLinear
 from fx_shard.passes.keep_grouped_fused import KeepGroupedFused
@@ -15,6 +16,7 @@ __all__ = [
     "AttentionToEinsum",
     "FitHeadsToMesh",
     "FuseSiblingLinears",
+    "InlinedLayersToModules",
     "InsertShardingConstraints",
     "InterleaveFusedLinear",
     "KeepGroupedFused",

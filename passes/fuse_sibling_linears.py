@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fx_shard.layers import join_parts
+from fx_shard.axes import axis_size
+from fx_shard.fused import join_parts
 from fx_shard.ops import fused_part
 from fx_shard.passes.utils import MeshPass, provenance, result, shape_meta
-from fx_shard.sharding import SHARDING_KEY, ShardingRecord, axis_size, sharding_of
+from fx_shard.sharding import SHARDING_KEY, ShardingRecord, sharding_of
+from fx_shard.styles import Colwise
 
 __all__ = ["FuseSiblingLinears"]
 
@@ -47,7 +49,7 @@ class FuseSiblingLinears(MeshPass):
     def _key(self, gm: fx.GraphModule, node: fx.Node) -> tuple | None:
         """What siblings share (input, specs, bias, dtype), or None for a layer that cannot join."""
         record = sharding_of(node)
-        if record is None or record.style != "colwise" or record.output_spec is not None or node.kwargs or len(node.args) != 1:
+        if record is None or record.style != Colwise.name or record.output_spec is not None or node.kwargs or len(node.args) != 1:
             return None
         module = gm.get_submodule(node.target)
         spec = record.specs.get("weight")

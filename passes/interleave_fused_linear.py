@@ -9,14 +9,15 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fx_shard.layers import interleave_rows, output_dim
+from fx_shard import styles
+from fx_shard.axes import axis_size
+from fx_shard.fused import interleave_rows
+from fx_shard.geometry import output_dim
 from fx_shard.ops import fused_part
 from fx_shard.passes.utils import MeshPass, provenance, result, shape_meta
-from fx_shard.sharding import SHARDING_KEY, axis_size, sharding_of
+from fx_shard.sharding import SHARDING_KEY, Layout, sharding_of
 
 __all__ = ["InterleaveFusedLinear"]
-
-_FUSED_STYLES = ("qkv", "merged_colwise")
 
 
 class InterleaveFusedLinear(MeshPass):
@@ -32,7 +33,7 @@ class InterleaveFusedLinear(MeshPass):
 
     Reads: ``node.meta["sharding"]`` of style qkv / merged_colwise.
     Writes: the fused modules' parameters (reordered; ``state_dict`` keeps
-    the original order), graph nodes, the records (``interleaved``).
+    the original order), graph nodes, the records (``layout``).
     """
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
@@ -41,7 +42,7 @@ class InterleaveFusedLinear(MeshPass):
         done: set[str] = set()
         for node in list(graph.find_nodes(op="call_module")):
             record = sharding_of(node)
-            if record is None or record.style not in _FUSED_STYLES or record.interleaved or record.groups > 1:
+            if record is None or not styles.get(record.style).fused or record.kept_fused or record.groups > 1:
                 continue
             module = graph_module.get_submodule(node.target)
             ways = axis_size(self.mesh_shape, record.specs["weight"][output_dim(module)])
@@ -59,7 +60,7 @@ class InterleaveFusedLinear(MeshPass):
             joined.meta.update(shape_meta(output))
             output.replace_all_uses_with(joined, delete_user_cb=lambda user: user not in parts)
             node.meta[SHARDING_KEY] = dataclasses.replace(
-                record, interleaved=True, notes=(*record.notes, f"kept fused: rows interleaved for {ways} devices"),
+                record, layout=Layout.INTERLEAVED, notes=(*record.notes, f"kept fused: rows interleaved for {ways} devices"),
             )
             modified = True
         return result(graph_module, modified)

@@ -9,10 +9,12 @@ from dataclasses import replace
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fx_shard.layers import output_dim
-from fx_shard.patterns import RESHAPE, op_of, shape_args, static_int
+from fx_shard.axes import axis_names, fitting_axes
+from fx_shard.geometry import output_dim
 from fx_shard.passes.utils import MeshPass, result, update_records
-from fx_shard.sharding import ShardingRecord, axis_names, fitting_axes, narrowed
+from fx_shard.patterns import RESHAPE, op_of, shape_args, static_int
+from fx_shard.sharding import Layout, ShardingRecord, narrowed
+from fx_shard.styles import QKV
 
 __all__ = ["KeepGroupedFused"]
 
@@ -34,13 +36,13 @@ class KeepGroupedFused(MeshPass):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         def regroup(node: fx.Node, record: ShardingRecord) -> ShardingRecord | None:
-            groups = _kv_groups(node, record.output_sizes) if record.style == "qkv" and not record.interleaved else None
+            groups = _kv_groups(node, record.output_sizes) if record.style == QKV.name and record.layout is Layout.SPLIT and record.groups == 1 else None
             if groups is None:
                 return None
             axes = axis_names(record.specs["weight"][output_dim(graph_module.get_submodule(node.target))])
             if fitting_axes(axes, groups, self.mesh_shape, partial=False) == axes:
                 note = f"q/k/v laid out per KV group ({groups} groups): kept fused, whole groups sharded over {axes}"
-                return narrowed(record, axes, note, interleaved=True)
+                return narrowed(record, axes, note, layout=Layout.GROUPED)
             note = (f"q/k/v laid out per KV group: {groups} groups do not split over {axes}; "
                     "split into q, k, v gathered from every group")
             return replace(record, groups=groups, notes=(*record.notes, note))

@@ -9,11 +9,24 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fx_shard.layers import SplitLinear, join_parts
+from fx_shard.fused import join_parts
 from fx_shard.ops import fused_part
-from fx_shard.patterns import CHUNK, PERMUTE, RESHAPE, SPLIT, UNBIND, op_of, parts_axis, rank, shape_args, split_sections, static_int
 from fx_shard.passes.utils import erase_if_dead, provenance, result
+from fx_shard.patterns import (
+    CHUNK,
+    PERMUTE,
+    RESHAPE,
+    SPLIT,
+    UNBIND,
+    op_of,
+    parts_axis,
+    rank,
+    shape_args,
+    split_sections,
+    static_int,
+)
 from fx_shard.sharding import SHARDING_KEY, sharding_of
+from fx_shard.split_linear import SplitLinear
 
 __all__ = ["RewireFusedConsumers"]
 

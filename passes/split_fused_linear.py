@@ -9,25 +9,24 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fx_shard.layers import SplitLinear, join_parts
+from fx_shard import styles
+from fx_shard.fused import join_parts
 from fx_shard.passes.utils import provenance, result, set_submodule, shape_meta
-from fx_shard.sharding import SHARDING_KEY, ShardingRecord, sharding_of
+from fx_shard.sharding import SHARDING_KEY, ShardingRecord, SourceKind, sharding_of
+from fx_shard.split_linear import SplitLinear
+from fx_shard.styles import Colwise
 
 __all__ = ["SplitFusedLinear", "part_names"]
 
-_FUSED_STYLES = ("qkv", "merged_colwise")
-
 
 def part_names(record: ShardingRecord) -> tuple[str, ...]:
-    """Submodule names of a fused layer's parts: q, k, v, or 0, 1, ..."""
-    if record.style == "qkv":
-        return ("q", "k", "v")
-    return tuple(str(i) for i in range(len(record.output_sizes)))
+    """Submodule names of a fused layer's parts, as its style names them (q, k, v, or 0, 1, ...)."""
+    return styles.get(record.style).part_names(len(record.output_sizes))
 
 
 def _is_fused(node: fx.Node) -> bool:
     record = sharding_of(node)
-    return node.op == "call_module" and record is not None and record.style in _FUSED_STYLES and not record.interleaved
+    return node.op == "call_module" and record is not None and styles.get(record.style).fused and not record.kept_fused
 
 
 class SplitFusedLinear(PassBase):
@@ -67,8 +66,8 @@ class SplitFusedLinear(PassBase):
                 part = graph.call_module(f"{node.target}.{name}", node.args, node.kwargs)
                 part.meta.update(inherited)
                 part.meta[SHARDING_KEY] = dataclasses.replace(
-                    record, style="colwise", output_sizes=(), part_of=node.target, groups=1,
-                    source=f"{record.style} part {name!r} ({record.source})",
+                    record, style=Colwise.name, output_sizes=(), part_of=node.target, groups=1,
+                    source=f"{record.style} part {name!r} ({record.source})", source_kind=SourceKind.FUSED_PART,
                 )
                 parts.append(part)
             if split.return_bias:

@@ -8,9 +8,9 @@ import torch
 import fx_shard
 from fx_shard import models
 from fx_shard.errors import CaptureError
-from fx_shard.layers import SplitLinear
 from fx_shard.models.plans import PLANS
-from fx_shard.sharding import SHARDING_KEY
+from fx_shard.sharding import SHARDING_KEY, recorded_layers
+from fx_shard.split_linear import SplitLinear
 
 
 @pytest.mark.parametrize("name", models.MODELS)
@@ -35,7 +35,9 @@ def test_transform_keeps_function_and_state_dict(name):
     passes = ("AnnotateSharding", "KeepGroupedFused", "SplitFusedLinear", "RewireFusedConsumers", "FitHeadsToMesh", "AttentionToEinsum",
               "InsertShardingConstraints")
     summary = gm.meta[SHARDING_KEY]
-    assert (summary.mesh_shape, summary.tp_axis, summary.passes, summary.layers, summary.opaque) == ({"tp": 4}, "tp", passes, {}, {})
+    assert (summary.mesh_shape, summary.tp_axis, summary.passes, summary.outside, summary.opaque) == ({"tp": 4}, "tp", passes, frozenset(), {})
+    # One home for the decisions: every layer's record, as its node carries it, in graph order.
+    assert summary.layers == dict(recorded_layers(gm))
     assert [d.pass_name for d in summary.diff] == list(passes)
     diff = {d.pass_name: d for d in summary.diff}
     # One rewritten call per attention (sdpa) or per matmul (ViT's two per block); 2 blocks each.
@@ -98,9 +100,10 @@ def test_untraceable_model_is_captured_part_by_part():
     assert list(summary.opaque) == [""]
     assert summary.opaque[""].startswith("TraceError: symbolically traced variables cannot be used as inputs to control flow")
     assert isinstance(root.mlp, torch.fx.GraphModule) and type(root) is Branchy
-    assert {p: r.style for p, r in summary.layers.items()} == {"up": "colwise", "down": "rowwise"}
+    assert {p: summary.layers[p].style for p in summary.outside} == {"up": "colwise", "down": "rowwise"}
     records = {n.target: n.meta[SHARDING_KEY].style for n in root.mlp.graph.find_nodes(op="call_module") if SHARDING_KEY in n.meta}
     assert records == {"0": "replicate", "2": "replicate"}
+    assert {p: r.style for p, r in summary.layers.items()} == {"mlp.0": "replicate", "mlp.2": "replicate", **{"up": "colwise", "down": "rowwise"}}
     torch.testing.assert_close(root(x), model(x))
     assert list(root.state_dict()) == list(model.state_dict())
 

@@ -12,10 +12,11 @@ from torch import nn
 
 import fx_shard
 from fx_shard import models
-from fx_shard.backend import InlinedLayersToModules, ShardingBackend, transform_captured
+from fx_shard.backend import ShardingBackend, transform_captured
 from fx_shard.errors import FxShardError
 from fx_shard.models.plans import PLANS
 from fx_shard.ops import batched_matmul, einsum_attention
+from fx_shard.passes import InlinedLayersToModules
 from fx_shard.sharding import SHARDING_KEY, layer_parameters
 from tests.hf_models import build_hf, hf_inputs
 

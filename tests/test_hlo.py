@@ -19,9 +19,11 @@ from fx_shard.hlo import (
     collectives_in,
     count_collectives,
     dump_snapshot,
+    matmul_flops,
     partitioned_modules,
     program_memory,
     program_name,
+    program_peak_memory,
     shape_bytes,
 )
 
@@ -153,6 +155,34 @@ ENTRY %main (x: f32[8]) -> f32[2] {
     assert nonzero(count_collectives(hlo)) == {"reduce-scatter": CollectiveStats(1, 8)}
 
 
+def test_matmul_flops_of_plain_batched_and_fused_dots():
+    # As XLA's CPU backend dumps a partitioned module (operands without shapes),
+    # plus one dot printed with its operands' shapes and one inside a fusion.
+    hlo = """
+%fused_computation (p0: f32[4,16], p1: f32[8,16]) -> f32[4,8] {
+  %p0 = f32[4,16]{1,0} parameter(0)
+  %p1 = f32[8,16]{1,0} parameter(1)
+  ROOT %dot.3 = f32[4,8]{1,0} dot(f32[4,16]{1,0} %p0, f32[8,16]{1,0} %p1), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+
+ENTRY %main (param: f32[4,4], param.1: f32[8,4], param.3: f32[2,4,5], param.4: f32[2,5,6], param.5: f32[4,16], param.6: f32[8,16]) -> f32[4,8] {
+  %param = f32[4,4]{1,0} parameter(0)
+  %param.1 = f32[8,4]{1,0} parameter(1)
+  %param.3 = f32[2,4,5]{2,1,0} parameter(2)
+  %param.4 = f32[2,5,6]{2,1,0} parameter(3)
+  %param.5 = f32[4,16]{1,0} parameter(4)
+  %param.6 = f32[8,16]{1,0} parameter(5)
+  %dot = f32[4,8]{1,0} dot(%param, %param.1), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+  %dot.2 = f32[2,4,6]{2,1,0} dot(%param.3, %param.4), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+  %add = f32[4,8]{1,0} add(%dot, %dot), metadata={op_name="dot(x)"}
+  ROOT %f = f32[4,8]{1,0} fusion(%param.5, %param.6), kind=kOutput, calls=%fused_computation
+}
+"""
+    # 2 x result elements x contracted size: 2*32*4 + 2*48*5 + 2*32*16
+    assert matmul_flops(hlo) == 256 + 480 + 1024
+    assert matmul_flops("") == 0
+
+
 # --- dump directory ------------------------------------------------------------
 
 
@@ -169,7 +199,12 @@ def test_dump_dir_files_snapshot_memory_and_transfers(tmp_path):
     first = tmp_path / "module_0000.SyncTensorsGraph.6.cpu_after_optimizations.txt"
     _write(first, ar, 3_000_000_000)
     _write(tmp_path / "module_0000.SyncTensorsGraph.6.before_optimizations.txt", "", 1)
-    _write(tmp_path / "module_0000.SyncTensorsGraph.6.cpu_after_optimizations-buffer-assignment.txt", ar, 1)
+    _write(
+        tmp_path / "module_0000.SyncTensorsGraph.6.cpu_after_optimizations-buffer-assignment.txt",
+        "Total bytes used: 1284 (1.3KiB)\n  Live ranges at 10 (peak):\n    dot.1{}: 48 bytes (cumulative: 1248 bytes)\n"
+        "  Stack trace breakdown for peak usage: 1 248 bytes\n",
+        1,
+    )
     _write(
         tmp_path / "module_0000.SyncTensorsGraph.6.cpu_after_optimizations-memory-usage-report.txt",
         "Total bytes used: 468 (468B)\n\nAllocations sorted by size:\n",
@@ -186,6 +221,8 @@ def test_dump_dir_files_snapshot_memory_and_transfers(tmp_path):
     assert program_name(first) == "SyncTensorsGraph.6"
     assert program_memory(tmp_path, first) == 468
     assert program_memory(tmp_path, later) is None
+    assert program_peak_memory(tmp_path, first) == 1248
+    assert program_peak_memory(tmp_path, later) is None
 
     files = partitioned_modules(tmp_path)
     assert nonzero(collectives_in(files)) == {"all-reduce": CollectiveStats(2, 256)}
@@ -247,6 +284,10 @@ def test_row_parallel_matmul_has_one_all_reduce(tmp_path):
     # (params 64 + 128, result 128, the dot's temp 128, tuple and scalars 20).
     memory = program_memory(tmp_path, files[0])
     assert memory is not None and memory >= 64 + 128 + 128
+    # Each device's dot: f32[4,8] result, 16 / 4 = 4 contracted elements.
+    assert matmul_flops(files[0].read_text()) == 2 * 4 * 8 * 4
+    peak = program_peak_memory(tmp_path, files[0])
+    assert peak is not None and 128 <= peak <= memory
 
 
 def test_column_parallel_matmul_needs_no_collective(tmp_path):

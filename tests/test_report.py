@@ -15,11 +15,13 @@ import pytest
 
 import fx_shard
 from fx_shard import models
+from fx_shard.axes import local_shape
 from fx_shard.cli import main
 from fx_shard.errors import FxShardError
 from fx_shard.models.plans import PLANS
-from fx_shard.report import FORMATS, SCHEMA, _merge, parameter_bytes, report_data
-from fx_shard.sharding import layer_parameters, local_shape
+from fx_shard.report import FORMATS, SCHEMA, parameter_bytes, report_data
+from fx_shard.report.fold import _merge
+from fx_shard.sharding import layer_parameters
 
 REPORTS = Path(__file__).parent.parent / "docs" / "reports"
 TP = 8

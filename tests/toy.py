@@ -145,3 +145,17 @@ class FalconQKV(GroupedQKV):
         q, k, v = (t.flatten(2, 3).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.dense(out.transpose(1, 2).reshape(B, N, C))
+
+
+class GPT2Like(nn.Module):
+    """Hugging Face Conv1D layers (weight stored (in, out)): the fused qkv splits along dim 1."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.c_attn, self.c_proj = Conv1D(3 * 32, 32), Conv1D(32, 32)
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(32, dim=2)
+        return self.c_proj(q * k + v)

@@ -21,7 +21,7 @@ from torch import nn
 
 from fx_shard.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from fx_shard.models.llama import LlamaConfig, LlamaForCausalLM, VllmLlamaForCausalLM
-from fx_shard.models.vit import ViTConfig, VisionTransformer
+from fx_shard.models.vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "MODELS",

@@ -9,10 +9,12 @@ from conftest import local_shapes, relative_error, sharding_spec
 
 import fx_shard
 from fx_shard import models
+from fx_shard.axes import local_shape
 from fx_shard.checkpoint import load_sharded, shard_indices
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.models.plans import PLANS
-from fx_shard.sharding import layer_parameters, local_shape
+from fx_shard.sharding import layer_parameters
+from tests.toy import GPT2Like
 
 
 def sharded(name, mesh, seed=0):
@@ -140,20 +142,6 @@ def test_load_sharded_into_sharded_model_keeps_parameter_objects(mesh):
     assert all(p is params[n] for n, p in gm.named_parameters())
     assert specs_by_name(gm) == before
     assert relative_error(run(gm, "llama-vllm"), expected_output(other, "llama-vllm")) <= 1e-5
-
-
-class GPT2Like(torch.nn.Module):
-    """Hugging Face Conv1D layers (weight stored (in, out)): the fused qkv splits along dim 1."""
-
-    def __init__(self):
-        from transformers.pytorch_utils import Conv1D
-
-        super().__init__()
-        self.c_attn, self.c_proj = Conv1D(3 * 32, 32), Conv1D(32, 32)
-
-    def forward(self, x):
-        q, k, v = self.c_attn(x).split(32, dim=2)
-        return self.c_proj(q * k + v)
 
 
 def test_load_sharded_conv1d_parts_read_their_columns(mesh, devices, tmp_path):

@@ -21,7 +21,6 @@ from conftest import relative_error
 
 import fx_shard
 from fx_shard import models
-
 from fx_shard.collectives import collectives
 from fx_shard.hlo import collectives_in, dump_snapshot, partitioned_modules
 from fx_shard.models.plans import PLANS

@@ -6,8 +6,9 @@ from conftest import local_shapes, relative_error, sharding_spec
 
 import fx_shard
 from fx_shard import models
+from fx_shard.axes import local_shape
 from fx_shard.models.plans import PLANS
-from fx_shard.sharding import SHARDING_KEY, layer_parameters, local_shape
+from fx_shard.sharding import SHARDING_KEY, layer_parameters
 
 
 @pytest.mark.parametrize("name", models.MODELS)

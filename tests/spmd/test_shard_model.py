@@ -8,7 +8,8 @@ from conftest import local_shapes, relative_error
 
 import fx_shard
 from fx_shard import models
-from fx_shard.layers import QKVParallelLinear, RowParallelLinear, SplitLinear
+from fx_shard.layers import QKVParallelLinear, RowParallelLinear
+from fx_shard.split_linear import SplitLinear
 
 
 @pytest.fixture
