@@ -224,17 +224,16 @@ class _MetaShapes(fx.Interpreter):
         self._seen: dict[tuple, tuple] = {}
 
     def run_node(self, n: fx.Node):
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            key = _call_key(n, args, kwargs)
-            entry = self._seen.get(key) if key is not None else None
-            if entry is None:
-                result = getattr(self, n.op)(n.target, args, kwargs)
-                entry = (map_aggregate(result, _layout_of), _describe(result), type(result))
-                if key is not None:
-                    self._seen[key] = entry
-            else:
-                result = map_aggregate(entry[0], _from_layout)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        key = _call_key(n, args, kwargs)
+        entry = self._seen.get(key) if key is not None else None
+        if entry is None:
+            result = getattr(self, n.op)(n.target, args, kwargs)
+            entry = (map_aggregate(result, _layout_of), _describe(result), type(result))
+            if key is not None:
+                self._seen[key] = entry
+        else:
+            result = map_aggregate(entry[0], _from_layout)
         if entry[1] is not None:
             n.meta["tensor_meta"] = entry[1]
         n.meta["type"] = entry[2]

@@ -15,6 +15,7 @@ from torch import fx
 
 __all__ = [
     "CHUNK",
+    "PENDING_SHAPES",
     "PERMUTE",
     "RESHAPE",
     "SPLIT",
@@ -38,6 +39,9 @@ RESHAPE = ("view", "reshape", torch.reshape, torch.Tensor.view, torch.Tensor.res
            _ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default)
 PERMUTE = ("permute", torch.permute, torch.Tensor.permute, _ATEN.permute.default)
 
+#: Key of a GraphModule's ``meta`` holding its deferred shape propagation (a callable), run when first needed.
+PENDING_SHAPES = "fx_shard.pending_shapes"
+
 _ARITHMETIC: dict[Callable, Callable] = {
     operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,
 }
@@ -49,11 +53,21 @@ def op_of(node: fx.Node):
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    """The tensor shape from shape propagation (``tensor_meta``) or export (``val``), if known."""
-    for key in ("tensor_meta", "val"):
-        shape = getattr(node.meta.get(key), "shape", None)
-        if shape is not None:
-            return tuple(shape)
+    """The tensor shape from shape propagation (``tensor_meta``) or export (``val``), if known.
+
+    A graph whose propagation was deferred (``PENDING_SHAPES`` in its module's
+    ``meta``) runs it at the first look-up of a shape it lacks.
+    """
+    for attempt in range(2):
+        for key in ("tensor_meta", "val"):
+            shape = getattr(node.meta.get(key), "shape", None)
+            if shape is not None:
+                return tuple(shape)
+        owner = node.graph.owning_module
+        pending = owner.meta.pop(PENDING_SHAPES, None) if owner is not None and hasattr(owner, "meta") else None
+        if pending is None:
+            return None
+        pending()
     return None
 
 

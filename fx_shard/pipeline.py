@@ -64,6 +64,7 @@ from fx_shard.passes import (
     RewireFusedConsumers,
     SplitFusedLinear,
 )
+from fx_shard.patterns import PENDING_SHAPES
 from fx_shard.plan import Decision, ShardPlan, decide, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, ModelSharding, PassDiff, ShardingRecord, SourceKind, recorded_layers
 from fx_shard.styles import Colwise, Replicate
@@ -159,7 +160,7 @@ class Pipeline:
                 captured = capture_parts(model_copy)
             if example_inputs is not None or example_kwargs:
                 with self._phase("shapes"):
-                    _propagate_part_shapes(captured, tuple(example_inputs or ()), dict(example_kwargs or {}))
+                    _defer_part_shapes(captured, tuple(example_inputs or ()), dict(example_kwargs or {}))
             with self._phase("plan"):
                 records, outside = self._plan(model, captured, ShardPlan.coerce(plan), example_inputs, example_kwargs)
             diff = []
@@ -241,6 +242,7 @@ class Pipeline:
         """Leave the ``ModelSharding`` on ``root.meta["sharding"]``: every layer's record, one home."""
         layers: dict[str, ShardingRecord] = {}
         for prefix, gm in parts.items():
+            gm.meta.pop(PENDING_SHAPES, None)  # shapes no plan or pass needed: never computed
             for target, record in recorded_layers(gm):
                 layers.setdefault(f"{prefix}.{target}" if prefix else target, record)
         layers.update(outside)
@@ -347,14 +349,20 @@ def _linear_layers(captured: Captured) -> dict[str, nn.Module]:
     return layers
 
 
-def _propagate_part_shapes(captured: Captured, args: tuple, kwargs: dict) -> None:
+def _defer_part_shapes(captured: Captured, args: tuple, kwargs: dict) -> None:
+    """Each graph's shape propagation, deferred to the first shape a plan or pass looks up (``PENDING_SHAPES``).
+
+    Many plans never look one up (an explicit plan on separate q/k/v layers); then nothing runs.
+    """
     if "" in captured.parts:
         gm = captured.parts[""]
         names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
-        propagate_shapes(gm, args + tuple(kwargs[n] for n in names[len(args):] if n in kwargs))
-        return
-    for path, inputs in record_part_inputs(captured, args, kwargs).items():
-        propagate_shapes(captured.parts[path], inputs)
+        inputs = {"": args + tuple(kwargs[n] for n in names[len(args):] if n in kwargs)}
+    else:
+        inputs = record_part_inputs(captured, args, kwargs)
+    for path, part_inputs in inputs.items():
+        gm = captured.parts[path]
+        gm.meta[PENDING_SHAPES] = lambda gm=gm, part_inputs=part_inputs: propagate_shapes(gm, part_inputs)
 
 
 # -- what a pass changed, from node identity -----------------------------------------------------------
@@ -368,7 +376,7 @@ def _snapshot(gm: fx.GraphModule) -> _Snapshot:
     A pass that changes a node's inputs gives it new ``args`` / ``kwargs``
     containers, so unchanged identity means an unchanged node.
     """
-    return {n.name: (n, n.target, n.args, n.kwargs) for n in gm.graph.nodes}
+    return {n.name: (n, n.target, n._args, n._kwargs) for n in gm.graph.nodes}
 
 
 def _describe(name: str, target: object, args: tuple, kwargs: Mapping) -> str:
@@ -385,7 +393,7 @@ def _diff(pass_name: str, part: str, before: _Snapshot, after: _Snapshot) -> Pas
         old = before.get(name)
         if old is None:
             added.append(_describe(name, target, args, kwargs))
-        elif any(a is not b for a, b in zip(old, (node, target, args, kwargs))):
+        elif old[0] is not node or old[1] is not target or old[2] is not args or old[3] is not kwargs:
             old_text, new_text = _describe(name, *old[1:]), _describe(name, target, args, kwargs)
             if old_text != new_text:
                 rewritten.append((old_text, new_text))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fx_shard.passes.utils import result
+from fx_shard.passes.utils import records_result
 from fx_shard.sharding import SHARDING_KEY, ShardingRecord
 
 __all__ = ["AnnotateSharding"]
@@ -31,4 +31,4 @@ class AnnotateSharding(PassBase):
             if record is not None and node.meta.get(SHARDING_KEY) != record:
                 node.meta[SHARDING_KEY] = record
                 modified = True
-        return result(graph_module, modified)
+        return records_result(graph_module, modified)

@@ -7,7 +7,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_shard.geometry import out_features
 from fx_shard.heads import fit_to_heads, head_dim_of
-from fx_shard.passes.utils import MeshPass, result, update_records
+from fx_shard.passes.utils import MeshPass, records_result, update_records
 from fx_shard.sharding import ShardingRecord
 from fx_shard.styles import Colwise
 
@@ -37,4 +37,4 @@ class FitHeadsToMesh(MeshPass):
             features = out_features(graph_module.get_submodule(node.target))
             return fit_to_heads(node.target, record, features, head_dim_of(node, features), self.mesh_shape)
 
-        return result(graph_module, update_records(graph_module, fit))
+        return records_result(graph_module, update_records(graph_module, fit))

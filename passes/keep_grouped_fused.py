@@ -11,7 +11,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_shard.axes import axis_names, fitting_axes
 from fx_shard.geometry import output_dim
-from fx_shard.passes.utils import MeshPass, result, update_records
+from fx_shard.passes.utils import MeshPass, records_result, update_records
 from fx_shard.patterns import RESHAPE, op_of, shape_args, static_int
 from fx_shard.sharding import Layout, ShardingRecord, narrowed
 from fx_shard.styles import QKV
@@ -47,7 +47,7 @@ class KeepGroupedFused(MeshPass):
                     "split into q, k, v gathered from every group")
             return replace(record, groups=groups, notes=(*record.notes, note))
 
-        return result(graph_module, update_records(graph_module, regroup))
+        return records_result(graph_module, update_records(graph_module, regroup))
 
 
 def _kv_groups(node: fx.Node, sizes: tuple[int, ...]) -> int | None:

@@ -41,6 +41,11 @@ def result(gm: fx.GraphModule, modified: bool) -> PassResult:
     return PassResult(gm, modified)
 
 
+def records_result(gm: fx.GraphModule, modified: bool) -> PassResult:
+    """The ``PassResult`` of a pass that changes node records only: the graph and its code are as they were."""
+    return PassResult(gm, modified)
+
+
 def provenance(node: fx.Node) -> dict:
     """``node``'s metadata without shape facts or sharding: what an inserted node inherits."""
     return {k: v for k, v in node.meta.items() if k not in SHAPE_KEYS and k != SHARDING_KEY}

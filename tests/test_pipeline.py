@@ -119,3 +119,22 @@ def test_a_pass_run_alone_leaves_runnable_code():
     assert AttentionToEinsum()(gm).modified
     assert "batched_matmul" in gm.code
     torch.testing.assert_close(gm(*inputs), model(*inputs))
+
+
+def test_shapes_are_computed_only_when_a_plan_or_pass_needs_one(monkeypatch):
+    """Separate q/k/v with an explicit plan need no shape; a fused qkv split on dim 2 needs ranks."""
+    import fx_shard.pipeline as pipeline_module
+    from fx_shard.patterns import PENDING_SHAPES
+
+    ran = []
+    real = pipeline_module.propagate_shapes
+    monkeypatch.setattr(pipeline_module, "propagate_shapes", lambda gm, inputs: ran.append(gm) or real(gm, inputs))
+    llama, inputs = models.build("llama"), models.example_inputs("llama")
+    gm = fx_shard.transform(llama, PLANS["llama"], mesh_shape={"tp": 2}, example_inputs=inputs)
+    assert ran == [] and PENDING_SHAPES not in gm.meta
+    torch.testing.assert_close(gm(*inputs), llama(*inputs))
+    gpt2, inputs = models.build("gpt2"), models.example_inputs("gpt2")
+    gm = fx_shard.transform(gpt2, PLANS["gpt2"], mesh_shape={"tp": 2}, example_inputs=inputs)
+    assert ran == [gm] and PENDING_SHAPES not in gm.meta
+    # The split of c_attn's output on dim 2 is the last dim only because the output is 3-D: rewired past the join.
+    assert not gm.graph.find_nodes(op="call_function", target=torch.cat)
