@@ -7,7 +7,10 @@ layers, ours, and their subclasses).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,26 +74,62 @@ class LinearLeafTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
-def capture(model: nn.Module) -> fx.GraphModule:
+def capture(model: nn.Module, concrete_args: Mapping[str, object] | None = None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule sharing its submodules.
 
-    Its ``state_dict`` has the model's own keys, in the model's order. It is
-    torch.fx's lazy kind: ``recompile`` marks the code stale and the code is
-    regenerated once, when next needed.
+    Its ``state_dict`` has the model's own keys, in the model's order; it
+    computes the model's function in ``train()`` and in ``eval()`` (a forward
+    whose code depends on ``self.training`` is refused). ``concrete_args``
+    specializes non-tensor arguments (``None``, flags); the graph asserts them
+    at each call. It is torch.fx's lazy kind: ``recompile`` marks the code
+    stale and the code is regenerated once, when next needed.
     """
-    tracer = LinearLeafTracer()
+    graph = _trace(model, concrete_args)
+    if _reads_training(model):
+        modes = [(m, m.training) for m in model.modules()]
+        model.train(not model.training)
+        try:
+            other = _trace(model, concrete_args)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if other.python_code("self").src != graph.python_code("self").src:
+            raise CaptureError(
+                f"{type(model).__name__}'s forward computes something else in train() and in eval() "
+                "(its code reads self.training); it keeps its own code"
+            )
+    # Lazy: its Python code is generated when first needed (a call, ``.code``), not here; the
+    # pipeline rewrites the graph first, and generating code for 80 layers costs a quarter second.
+    gm = _LazyGraphModule(model, graph, type(model).__name__)
+    _match_original_layout(model, gm)
+    return gm
+
+
+def _trace(model: nn.Module, concrete_args: Mapping[str, object] | None) -> fx.Graph:
     try:
-        graph = tracer.trace(model)
+        return LinearLeafTracer().trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as e:
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
             "Shard a sub-module that traces, or remove data-dependent control flow from forward."
         ) from e
-    # Lazy: its Python code is generated when first needed (a call, ``.code``), not here; the
-    # pipeline rewrites the graph first, and generating code for 80 layers costs a quarter second.
-    gm = _LazyGraphModule(tracer.root, graph, type(model).__name__)
-    _match_original_layout(model, gm)
-    return gm
+
+
+def _reads_training(model: nn.Module) -> bool:
+    """Whether a forward the tracer inlines mentions ``training`` (so its code may differ by mode)."""
+    tracer = LinearLeafTracer()
+    classes = {type(model)} | {
+        type(m) for path, m in model.named_modules() if path and not tracer.is_leaf_module(m, path)
+    }
+    return any(_forward_mentions_training(cls) for cls in classes)
+
+
+@functools.cache
+def _forward_mentions_training(cls: type) -> bool:
+    try:
+        return "training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source: assume it may
+        return True
 
 
 @dataclass
@@ -109,26 +148,39 @@ class Captured:
     opaque: dict[str, str]
 
 
-def capture_parts(model: nn.Module) -> Captured:
-    """``capture`` the model whole if it traces, else part by part (``model`` is changed in place then)."""
+def capture_parts(model: nn.Module, args: tuple | None = None, kwargs: Mapping | None = None) -> Captured:
+    """``capture`` the model whole if it traces, else part by part (``model`` is changed in place then).
+
+    A part is a module holding linear-like layers, traced as its parent calls
+    it: with example inputs (``args`` / ``kwargs``), the model runs once first
+    and each module's non-tensor arguments (``None``, flags) are specialized
+    in its graph (a module called with different ones keeps its own code).
+    Modules of ``torch.nn`` stay as they are (their parents read their
+    attributes), and so do modules with no linear-like layer inside.
+    """
     try:
         gm = capture(model)
     except CaptureError:
         pass
     else:
         return Captured(gm, {"": gm}, {})
+    calls = _call_arguments(model, tuple(args or ()), dict(kwargs or {})) if args is not None or kwargs else None
     parts: dict[str, fx.GraphModule] = {}
     opaque: dict[str, str] = {}
 
     def visit(path: str, module: nn.Module) -> None:
-        if is_linear_like(module):
+        if is_linear_like(module) or not any(is_linear_like(m) for m in module.modules()):
             return
-        try:
-            parts[path] = capture(module)
-            return
-        except CaptureError as e:
-            if type(module).forward is not nn.Module.forward:  # containers without a forward are never called
-                opaque[path] = f"{type(e.__cause__).__name__}: {e.__cause__}"
+        seen = (calls or {}).get(path)
+        why = _why_not_a_part(module, seen)
+        if why is None:
+            try:
+                parts[path] = capture(module, seen[0] if seen else None)
+                return
+            except CaptureError as e:
+                why = f"{type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else str(e)
+        if type(module).forward is not nn.Module.forward:  # containers without a forward are never called
+            opaque[path] = why
         for name, child in module.named_children():
             visit(f"{path}.{name}" if path else name, child)
 
@@ -137,6 +189,98 @@ def capture_parts(model: nn.Module) -> Captured:
         owner, _, field = path.rpartition(".")
         setattr(model.get_submodule(owner), field, gm)
     return Captured(model, parts, opaque)
+
+
+def _why_not_a_part(module: nn.Module, calls: list[dict] | None) -> str | None:
+    """Why ``module`` is not traced as a part, or None when it can be (``calls``: its calls on the example inputs)."""
+    if type(module).__module__.startswith("torch.nn.") and not isinstance(module, nn.Sequential):
+        return "a torch.nn module: kept whole, as its parent reads its attributes"
+    if not calls:  # no example inputs, or not called on them: traced with every argument a graph input
+        return None
+    if any(isinstance(v, _Untraceable) for v in calls[0].values()):
+        bad = next(k for k, v in calls[0].items() if isinstance(v, _Untraceable))
+        return f"its argument {bad!r} is a {calls[0][bad].kind}, which a torch.fx graph cannot take"
+    if any(c != calls[0] for c in calls[1:]):
+        return "called with different non-tensor arguments on the example inputs"
+    return None
+
+
+@dataclass(frozen=True)
+class _Untraceable:
+    """A call argument neither a tensor (a graph input) nor a constant a graph can specialize on."""
+
+    kind: str
+
+
+_CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _call_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, list[dict[str, object]]] | None:
+    """Per module path, the non-tensor arguments of each of its calls in one run on the example inputs.
+
+    Tensors (and tuples of them) are left out: they stay graph inputs. None
+    when the example inputs do not run through the model here (a model on
+    the meta device that branches on values): nothing is specialized then.
+    """
+    calls: dict[str, list[dict[str, object]]] = {}
+    hooks = []
+    for path, module in model.named_modules():
+        if is_linear_like(module):
+            continue
+        try:
+            signature = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            continue
+
+        def hook(module, hook_args, hook_kwargs, path=path, signature=signature):
+            try:
+                bound = signature.bind(*hook_args, **hook_kwargs)
+            except TypeError:
+                return
+            bound.apply_defaults()
+            arguments = {}
+            for name, value in bound.arguments.items():
+                kind = signature.parameters[name].kind
+                if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                    if value:
+                        arguments[name] = _Untraceable(f"variable argument list ({kind.description})")
+                elif not _holds_tensors(value):
+                    arguments[name] = _constant_or_none(value)
+            calls.setdefault(path, []).append(arguments)
+
+        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        _run(model, args, kwargs)
+    except Exception as e:
+        logger.info("could not run %s on the example inputs to see its modules' arguments: %s", type(model).__name__, e)
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _holds_tensors(value) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value)) and not isinstance(value, dict)
+
+
+def _constant_or_none(value):
+    if isinstance(value, _CONSTANTS) or (isinstance(value, tuple) and all(isinstance(v, _CONSTANTS) for v in value)):
+        return value
+    return _Untraceable(type(value).__name__)
+
+
+def _run(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """``model(*args, **kwargs)`` without gradients; on fake tensors for a model on the meta device."""
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        if device.type == "meta":
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t.to(device)), (args, kwargs))
+            with mode:
+                model(*args, **kwargs)
+        else:
+            model(*args, **kwargs)
 
 
 def generate_code(root: nn.Module) -> None:
@@ -167,15 +311,7 @@ def record_part_inputs(captured: Captured, args: tuple, kwargs: dict) -> dict[st
 
         hooks.append(gm.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        device = next((t.device for t in captured.root.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            if device.type == "meta":
-                mode = FakeTensorMode(allow_non_fake_inputs=True)
-                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t.to(device)), (args, kwargs))
-                with mode:
-                    captured.root(*args, **kwargs)
-            else:
-                captured.root(*args, **kwargs)
+        _run(captured.root, args, kwargs)
     except Exception as e:  # the shapes are an aid, not a requirement
         logger.info("could not run %s on the example inputs for shapes: %s", type(captured.root).__name__, e)
     finally:
@@ -347,3 +483,5 @@ def _match_original_layout(model: nn.Module, gm: fx.GraphModule) -> None:
             order = {name: i for i, name in enumerate(theirs)}
             setattr(copied, table, dict(sorted(mine.items(), key=lambda item: order.get(item[0], len(order)))))
         copied._non_persistent_buffers_set |= original._non_persistent_buffers_set & set(copied._buffers)
+        # Tensors the tracer found as plain attributes (``_tensor_constant0``) were never in the checkpoint.
+        copied._non_persistent_buffers_set |= set(copied._buffers) - set(original._buffers)

@@ -6,7 +6,11 @@ transformers lazily.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import re
+import sys
 
 import torch
 from torch import nn
@@ -58,6 +62,14 @@ def _output_embeddings_path(model: nn.Module) -> str | None:
     return next((path for path, m in model.named_modules() if m is head), None) if head is not None else None
 
 
+# Arguments of transformers' attention functions that leave the computation as the einsum path does it
+# (the masks built for the model's implementation carry sliding windows and padding).
+_SAME_MATH = {"position_ids", "cache_position", "sliding_window", "use_cache", "past_key_values", "layer_idx",
+              "output_attentions", "head_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+# The model's own implementation, kept on its config: the masks, and the fallback for calls einsum does not cover.
+_ORIGINAL = "_fx_shard_attn_fallback"
+
+
 def einsum_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -71,8 +83,14 @@ def einsum_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature over ``fx_shard.ops.einsum_attention``.
 
-    Same masking rules as transformers' sdpa path; k/v are never repeated.
+    Same masking rules as transformers' sdpa path; k/v are never repeated. A
+    call passing anything the einsum does not compute (``softcap``,
+    ``position_bias``, attention sinks, ``output_attentions=True``, ...) runs
+    the model's own implementation instead, so the function never changes.
     """
+    if any(v is not None and v is not False for k, v in kwargs.items() if k not in _SAME_MATH) or kwargs.get("output_attentions"):
+        own = _own_attention(module, getattr(module.config, _ORIGINAL))
+        return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     q_len = query.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = q_len > 1 and attention_mask is None and is_causal
@@ -85,18 +103,68 @@ def einsum_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_einsum_attention(model: nn.Module) -> bool:
-    """Point a transformers model (its config) at fx_shard's einsum attention; False if it is not one."""
+def use_einsum_attention(model: nn.Module) -> str | None:
+    """Point a transformers model's attention at fx_shard's einsum where that computes the same; why not, if not.
+
+    Only models whose attention goes through transformers' attention
+    functions with the ``sdpa`` or ``eager`` implementation switch (a model
+    whose code chooses branches by the implementation's name, as Falcon's
+    does, keeps its own). The masks stay the ones built for the model's own
+    implementation. Returns None when switched or not a transformers model.
+    """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
-        return False
+        return None
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTENTION, einsum_attention_forward)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks transformers builds for sdpa
-    for module in model.modules():
-        sub_config = getattr(module, "config", None)
-        if sub_config is not None and hasattr(sub_config, "_attn_implementation"):
-            sub_config._attn_implementation = ATTENTION
-    return True
+    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    own = {c._attn_implementation for c in configs if c._attn_implementation not in _NAMES.values()}
+    if not own <= set(_NAMES):
+        return f"attention implementation {sorted(own)}: kept (fx_shard replaces sdpa and eager only)"
+    branching = _branches_on_implementation(model)
+    if branching:
+        return f"{branching} chooses its code by config._attn_implementation: its own attention is kept"
+    no_eager = next((type(m).__name__ for m in model.modules() if "eager" in own and hasattr(m, "config")
+                     and not hasattr(sys.modules[type(m).__module__], "eager_attention_forward")), None)
+    if no_eager is not None:
+        return f"{no_eager}'s modeling file has no eager_attention_forward to fall back on: its own attention is kept"
+    masks = AttentionMaskInterface()
+    for original, name in _NAMES.items():
+        AttentionInterface.register(name, einsum_attention_forward)
+        AttentionMaskInterface.register(name, masks[original])
+    for sub_config in configs:
+        if sub_config._attn_implementation in _NAMES:
+            setattr(sub_config, _ORIGINAL, sub_config._attn_implementation)
+            sub_config._attn_implementation = _NAMES[sub_config._attn_implementation]
+    return None
+
+
+def _own_attention(module: nn.Module, implementation: str):
+    """The attention function the model would call: its modeling file's eager one, or transformers' registered one."""
+    if implementation == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers import AttentionInterface
+
+    return AttentionInterface()[implementation]
+
+
+# The einsum attention under one name per implementation it stands in for (each with that one's masks).
+_NAMES = {"sdpa": ATTENTION, "eager": f"{ATTENTION}_eager"}
+
+
+def _branches_on_implementation(model: nn.Module) -> str | None:
+    """The first model class whose module's source compares ``_attn_implementation`` to a name, if any."""
+    for cls in dict.fromkeys(type(m) for m in model.modules()):
+        if cls.__module__.startswith("transformers.models.") and _compares_implementation(cls.__module__):
+            return cls.__name__
+    return None
+
+
+@functools.cache
+def _compares_implementation(module_name: str) -> bool:
+    try:
+        source = inspect.getsource(sys.modules[module_name])
+    except (OSError, TypeError, KeyError):
+        return True
+    return re.search(r"_attn_implementation\s*(==|!=|\bin\b|\bnot in\b)", source) is not None

@@ -157,7 +157,7 @@ class Pipeline:
             with self._phase("copy"):
                 model_copy = copy.deepcopy(model)
             with self._phase("capture"):
-                captured = capture_parts(model_copy)
+                captured = capture_parts(model_copy, example_inputs, example_kwargs)
             if example_inputs is not None or example_kwargs:
                 with self._phase("shapes"):
                     _defer_part_shapes(captured, tuple(example_inputs or ()), dict(example_kwargs or {}))
@@ -167,8 +167,9 @@ class Pipeline:
             for prefix, gm in captured.parts.items():
                 diff += self.rewrite(gm, _under(records, prefix), prefix)
             with self._phase("summarize"):
-                use_einsum_attention(captured.root)
-                self.summarize(captured.root, captured.parts, {p: records[p] for p in outside}, captured.opaque, diff)
+                kept = use_einsum_attention(captured.root)
+                notes = (f"attention: {kept}",) if kept else ()
+                self.summarize(captured.root, captured.parts, {p: records[p] for p in outside}, captured.opaque, diff, notes)
             if not _on_meta(captured.root):
                 with self._phase("code"):
                     generate_code(captured.root)
@@ -238,6 +239,7 @@ class Pipeline:
         outside: Mapping[str, ShardingRecord],
         opaque: Mapping[str, str],
         diff: list[PassDiff],
+        notes: tuple[str, ...] = (),
     ) -> ModelSharding:
         """Leave the ``ModelSharding`` on ``root.meta["sharding"]``: every layer's record, one home."""
         layers: dict[str, ShardingRecord] = {}
@@ -247,7 +249,7 @@ class Pipeline:
                 layers.setdefault(f"{prefix}.{target}" if prefix else target, record)
         layers.update(outside)
         summary = ModelSharding(
-            self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside)
+            self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside), notes
         )
         if not hasattr(root, "meta"):
             root.meta = {}

@@ -117,7 +117,9 @@ class ModelSharding:
     the layers planned as modules outside any graph, whose paths are in
     ``outside``. ``opaque`` names the modules that did not trace, with the
     reason; ``diff`` has what each pass changed in each graph (the raw
-    material of the report's graph diff).
+    material of the report's graph diff). ``notes`` say which of the model's
+    own code fx_shard kept where it could not be sure a replacement computes
+    the same (e.g. a Hugging Face model's attention), and why.
     """
 
     mesh_shape: Mapping[str, int]
@@ -127,6 +129,7 @@ class ModelSharding:
     opaque: Mapping[str, str] = field(default_factory=dict)
     diff: tuple[PassDiff, ...] = ()
     outside: frozenset[str] = frozenset()
+    notes: tuple[str, ...] = ()
 
 
 def sharding_of(node: fx.Node) -> ShardingRecord | None:

@@ -248,7 +248,7 @@ def test_json_round_trips_with_stable_keys():
     assert set(data["costs"]) == {"parameter_bytes", "collectives"}
     assert set(data["costs"]["parameter_bytes"]) == {"rows", "tensors", "total", "per_device", "per_device_ideal", "measured_per_device"}
     assert set(data["costs"]["collectives"]) == {"method", "blocks", "predicted", "measured"}
-    assert set(data["left_alone"]) == {"opaque", "replicated", "unplanned"}
+    assert set(data["left_alone"]) == {"opaque", "replicated", "unplanned", "code_kept"}
     head = next(r for r in data["left_alone"]["replicated"] if r["module"] == "head")
     assert head["source"] == "plan entry 'head'" and head["count"] == 1
     assert {r["module"] for r in data["left_alone"]["unplanned"]} >= {"", "patch_embed.proj", "norm"}

@@ -127,6 +127,7 @@ def report_data(model: nn.Module, measured: Mapping[str, int] | None = None, *, 
             "opaque": fold_opaque(summary.opaque, fold),
             "replicated": fold_replicated(layers, fold),
             "unplanned": fold_unplanned(unplanned_parameters(model), fold),
+            "code_kept": list(summary.notes),
         },
     }
 

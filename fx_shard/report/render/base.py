@@ -234,6 +234,9 @@ class Renderer(ABC):
             )
         else:
             out += self.para("None.")
+        if left["code_kept"]:
+            out += self.heading("Model code kept as written", 3)
+            out += self.para("\n".join(f"- {self.prose(note)}" for note in left["code_kept"]))
         return out
 
 
