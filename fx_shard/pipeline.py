@@ -64,7 +64,7 @@ from fx_shard.passes import (
     RewireFusedConsumers,
     SplitFusedLinear,
 )
-from fx_shard.plan import Decision, ShardPlan, decide, resolve_tp_axis
+from fx_shard.plan import Decision, ShardPlan, check_mesh_shape, decide, resolve_tp_axis
 from fx_shard.sharding import SHARDING_KEY, ModelSharding, PassDiff, ShardingRecord, SourceKind, recorded_layers
 from fx_shard.styles import Colwise, Replicate
 
@@ -109,7 +109,7 @@ class Pipeline:
     def __post_init__(self) -> None:
         if self.fused not in FUSED_STRATEGIES:
             raise PlanError(f"fused={self.fused!r} is not a strategy; choose one of {', '.join(FUSED_STRATEGIES)}")
-        self.mesh_shape = dict(self.mesh_shape)
+        self.mesh_shape = check_mesh_shape(self.mesh_shape)
         self.tp_axis = resolve_tp_axis(self.mesh_shape, self.tp_axis)
         unknown = sorted(set(self.only or ()) - {cls.__name__ for cls, _ in PASSES})
         if unknown:

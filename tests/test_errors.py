@@ -70,3 +70,42 @@ def test_torch_xla_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_xla", None)
     with pytest.raises(FxShardError, match=r"materializing on an XLA device needs torch_xla; install it with `pip install torch==2.9.0 torch_xla==2.9.0`"):
         _torch_xla()
+
+
+@pytest.mark.parametrize(("mesh_shape", "message"), [
+    ({}, r"mesh_shape=\{\} has no axes; give each mesh axis its number of devices, e.g. mesh_shape=\{'tp': 4\}"),
+    ({"tp": 0}, r"mesh axis 'tp' has size 0; each axis needs a whole number of devices, at least 1"),
+    ({"tp": 2.5}, r"mesh axis 'tp' has size 2.5; each axis needs a whole number of devices"),
+    ({0: 4}, r"mesh_shape key 0 is not an axis name; name the axes with strings"),
+    ((4,), r"mesh_shape=\(4,\) is not a mapping of mesh axis name to size"),
+], ids=["empty", "zero", "fraction", "int_axis", "tuple"])
+def test_mesh_shape_that_is_not_a_mesh(mesh_shape, message):
+    with pytest.raises(PlanError, match=message):
+        fx_shard.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh_shape=mesh_shape)
+
+
+def test_plan_key_that_is_not_a_module_name():
+    with pytest.raises(PlanError, match=r"plan key 0 \(int\) is not a module name; .* nn.Sequential is '0'"):
+        fx_shard.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), {0: "colwise"}, mesh_shape={"tp": 2})
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"output_sizes": 5}, r"output_sizes=5 is not a list of part sizes .* e.g. \[64, 16, 16\]"),
+    ({"output_sizes": "64,16,16"}, r"output_sizes='64,16,16' is not a list of part sizes"),
+    ({"output_sizes": [32, "16", 16]}, r"output_sizes=\[32, '16', 16\] is not a list of part sizes"),
+    ({"num_heads": "8"}, r"num_heads='8' is not a number of heads; give a whole number, at least 1"),
+    ({"num_heads": 0}, r"num_heads=0 is not a number of heads"),
+    ({"num_kv_heads": 2}, r"num_kv_heads=2 needs num_heads \(the number of q heads\) too"),
+    ({"gather_output": "no"}, r"gather_output='no' is not True or False"),
+], ids=["sizes_int", "sizes_str", "sizes_mixed", "heads_str", "heads_zero", "kv_without_heads", "gather_str"])
+def test_layer_plan_fields_of_the_wrong_type(fields, message):
+    with pytest.raises(PlanError, match=r"plan entry 'attn.qkv': " + message):
+        fx_shard.ShardPlan({"attn.qkv": {"style": "qkv", **fields}})
+
+
+@pytest.mark.parametrize("data", [None, {"attn.qkv": "qkv"}, {"entries": ["qkv"]}, {"entries": {}, "auto": "yes"}])
+def test_plan_from_dict_of_something_else(data):
+    with pytest.raises(PlanError, match=r"ShardPlan.from_dict"):
+        fx_shard.ShardPlan.from_dict(data)
+    plan = fx_shard.ShardPlan({"*.q": "colwise"}, auto=True)
+    assert fx_shard.ShardPlan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()

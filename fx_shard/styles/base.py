@@ -16,7 +16,8 @@ A new style is one subclass with a ``name``; defining it registers it::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -163,6 +164,31 @@ class LayerPlan:
     num_kv_heads: int | None = None
     gather_output: bool = False
 
+    def __post_init__(self) -> None:
+        """Check each field's type, so a wrong value is refused here and not misread later."""
+        if not isinstance(self.style, str):
+            raise PlanError(f"style {self.style!r} is not a style name; styles: {', '.join(names())}")
+        sizes = self.output_sizes
+        if sizes is not None:
+            if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not all(_is_count(s) for s in sizes):
+                raise PlanError(
+                    f"output_sizes={sizes!r} is not a list of part sizes (whole numbers of output features); "
+                    "give one size per part, e.g. [64, 16, 16] for q, k, v"
+                )
+            object.__setattr__(self, "output_sizes", tuple(int(s) for s in sizes))
+        for field in ("num_heads", "num_kv_heads"):
+            value = getattr(self, field)
+            if value is not None and not _is_count(value):
+                raise PlanError(f"{field}={value!r} is not a number of heads; give a whole number, at least 1 (e.g. 8)")
+            if value is not None:
+                object.__setattr__(self, field, int(value))
+        if self.num_kv_heads is not None and self.num_heads is None:
+            raise PlanError(f"num_kv_heads={self.num_kv_heads} needs num_heads (the number of q heads) too")
+        if not isinstance(self.gather_output, bool):
+            raise PlanError(
+                f"gather_output={self.gather_output!r} is not True or False; give a bool (True replicates the output)"
+            )
+
     @classmethod
     def parse(cls, value: str | Mapping | LayerPlan, entry: str) -> LayerPlan:
         """A ``LayerPlan`` from a style name, a dict of its fields, or itself."""
@@ -178,9 +204,10 @@ class LayerPlan:
                     "give a style name or a dict with 'style' and optionally "
                     "'output_sizes', 'num_heads', 'num_kv_heads', 'gather_output'"
                 )
-            sizes = value.get("output_sizes")
-            layer = cls(value["style"], tuple(sizes) if sizes is not None else None,
-                        value.get("num_heads"), value.get("num_kv_heads"), bool(value.get("gather_output", False)))
+            try:
+                layer = cls(**value)
+            except PlanError as e:
+                raise PlanError(f"plan entry {entry!r}: {e}") from None
         else:
             raise PlanError(f"plan entry {entry!r}: {value!r} is not a style; styles: {', '.join(names())}")
         if layer.style not in _REGISTRY:
@@ -228,6 +255,11 @@ def for_class(module: nn.Module) -> tuple[Style, str] | None:
         if style is not None:
             return style, cls.__name__
     return None
+
+
+def _is_count(value: object) -> bool:
+    """A whole number of at least 1 (not a bool, not a string)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _is_embedding(module: nn.Module) -> bool:
