@@ -250,6 +250,10 @@ def _record(name: str, module: nn.Module, decision: Decision, ways: int, axis: A
     if weight is None or weight.dim() != 2:
         raise PlanError(f"{name} ({type(module).__name__}) has no 2-D weight; it cannot take style {layer.style!r}")
     style = styles.get(layer.style)
+    if decision.kind is SourceKind.PLAN_ENTRY and layer.output_sizes is None and layer.num_heads is None:
+        unsized = style.unsized(name, module)
+        if unsized is not None:
+            raise PlanError(f"{unsized} ({decision.reason})")
     sizes = style.check(name, module, layer, ways, axis)
     return ShardingRecord(
         layer.style, style.param_specs(module, axis), decision.reason, sizes,

@@ -15,6 +15,7 @@ from fx_shard import models
 from fx_shard.checkpoint import _device_pieces, _Location, _Reader, _split_parts, _unsaved_buffers, shard_indices
 from fx_shard.errors import FxShardError
 from fx_shard.models.plans import PLANS
+from tests.toy import QKV_32
 
 
 def transformed(name, seed=0, device=None):
@@ -138,7 +139,7 @@ def test_conv1d_parts_sit_along_the_fused_columns():
             return q * k + v
 
     inputs = (torch.randn(1, 5, 32),)
-    gm = fx_shard.transform(Attention(), {"c_attn": "qkv"}, mesh_shape={"tp": 4}, example_inputs=inputs)
+    gm = fx_shard.transform(Attention(), {"c_attn": QKV_32}, mesh_shape={"tp": 4}, example_inputs=inputs)
     parts = _split_parts(gm)
     assert parts["c_attn.k.weight"] == _Location("c_attn.k.weight", "c_attn.weight", (32, 96), 1, 32, 32)
     assert parts["c_attn.v.bias"] == _Location("c_attn.v.bias", "c_attn.bias", (96,), 0, 64, 32)

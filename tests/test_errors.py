@@ -9,7 +9,7 @@ import fx_shard
 from fx_shard import FxShardError, PlanError, models
 from fx_shard.layers import QKVParallelLinear
 from fx_shard.models.plans import PLANS
-from tests.toy import GQAttention, seeded
+from tests.toy import FusedAttention, GQAttention, seeded
 
 
 def test_heads_not_divisible_in_an_explicit_plan():
@@ -109,3 +109,29 @@ def test_plan_from_dict_of_something_else(data):
         fx_shard.ShardPlan.from_dict(data)
     plan = fx_shard.ShardPlan({"*.q": "colwise"}, auto=True)
     assert fx_shard.ShardPlan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+
+
+def test_fused_style_on_a_plain_layer_needs_its_sizes():
+    model, x = seeded(FusedAttention), torch.randn(2, 5, 32)
+    with pytest.raises(PlanError, match=(
+        r"qkv \(Linear, 96 output features\) is planned 'qkv', but nothing says how its output splits into parts: .* "
+        r"e.g. \{'style': 'qkv', 'num_heads': H, 'num_kv_heads': KV\} or \{'style': 'qkv', 'output_sizes': \[32, 32, 32\]\} "
+        r"for 3 equal parts \(plan entry 'qkv'\)"
+    )):
+        fx_shard.transform(model, {"qkv": "qkv", "proj": "rowwise"}, mesh_shape={"tp": 4}, example_inputs=(x,))
+    gate_up = torch.nn.Sequential(torch.nn.Linear(8, 32))
+    with pytest.raises(PlanError, match=r"e.g. \{'style': 'merged_colwise', 'output_sizes': \[16, 16\]\} for 2 equal parts"):
+        fx_shard.transform(gate_up, {"0": "merged_colwise"}, mesh_shape={"tp": 4})
+    # Said in the entry, or by the layer itself (vLLM's output_sizes), or found by plan="auto": no error.
+    for plan in ({"qkv": {"style": "qkv", "num_heads": 4}}, {"qkv": {"style": "qkv", "output_sizes": [32, 32, 32]}}, "auto"):
+        gm = fx_shard.transform(model, plan, mesh_shape={"tp": 4}, example_inputs=(x,))
+        assert gm.meta["sharding"].layers["qkv.k"].specs == {"weight": ("tp", None), "bias": ("tp",)}
+    fx_shard.transform(torch.nn.Sequential(QKVParallelLinear(32, 8, 4, 2)), {"0": "qkv"}, mesh_shape={"tp": 2})
+
+
+def test_fused_options_on_a_style_that_does_not_take_them():
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 32))
+    with pytest.raises(PlanError, match=r"0: output_sizes applies to fused styles \(qkv and merged_colwise\), not 'colwise'; remove it"):
+        fx_shard.transform(layer, {"0": {"style": "colwise", "output_sizes": [16, 16]}}, mesh_shape={"tp": 4})
+    with pytest.raises(PlanError, match=r"0: num_heads / num_kv_heads apply to style qkv, not 'merged_colwise'; remove them \(give output_sizes"):
+        fx_shard.transform(layer, {"0": {"style": "merged_colwise", "num_heads": 4}}, mesh_shape={"tp": 4})

@@ -49,6 +49,8 @@ class Style:
     for_embeddings: ClassVar[bool] = False
     for_linears: ClassVar[bool] = True
     may_gather_output: ClassVar[bool] = False
+    #: A fused style whose sizes a plan may give as head counts (``num_heads``, ``num_kv_heads``): q, k, v.
+    head_counts: ClassVar[bool] = False
     #: Collectives one call of a layer sharded this way needs (the report's prediction).
     collectives_per_call: ClassVar[Mapping[str, int]] = {}
     #: vLLM layer class names this style stands for (a subclass of one counts too).
@@ -100,6 +102,15 @@ class Style:
         if layer.gather_output and not self.may_gather_output:
             allowed = " and ".join(s.name for s in registered() if s.may_gather_output)
             raise PlanError(f"{where}: gather_output applies to styles {allowed}, not {self.name!r}")
+        if layer.output_sizes is not None and not self.fused:
+            fused = " and ".join(s.name for s in registered() if s.fused)
+            raise PlanError(f"{where}: output_sizes applies to fused styles ({fused}), not {self.name!r}; remove it")
+        if layer.num_heads is not None and not self.head_counts:
+            heads = " and ".join(s.name for s in registered() if s.head_counts)
+            raise PlanError(
+                f"{where}: num_heads / num_kv_heads apply to style {heads}, not {self.name!r}; remove them"
+                + (" (give output_sizes for this fused style)" if self.fused else "")
+            )
         if self.shards == "input":
             _check_divides(where, "input features", in_features(module), ways, axis)
         elif self.shards == "output":
@@ -143,6 +154,29 @@ class Style:
             )
         return tuple(sizes)
 
+    def unsized(self, where: str, module: nn.Module) -> str | None:
+        """The error for a plan entry of this fused style on ``module`` when nothing says how its output splits.
+
+        None when the layer carries its own ``output_sizes`` (vLLM's layers).
+        Equal parts would be a guess: right for multi-head attention, wrong for
+        grouped-query attention or a head-interleaved layout; the plan says which.
+        """
+        if not self.fused or len(tuple(getattr(module, "output_sizes", ()) or ())) > 1:
+            return None
+        features = out_features(module)
+        equal = [features // self.parts] * self.parts if features % self.parts == 0 else None
+        ways = "output_sizes or num_heads (and num_kv_heads)" if self.head_counts else "output_sizes"
+        examples = []
+        if self.head_counts:
+            examples.append(f"{{'style': {self.name!r}, 'num_heads': H, 'num_kv_heads': KV}}")
+        if equal:
+            examples.append(f"{{'style': {self.name!r}, 'output_sizes': {equal}}} for {self.parts} equal parts")
+        return (
+            f"{where} ({type(module).__name__}, {features} output features) is planned {self.name!r}, but nothing says "
+            f"how its output splits into parts: the layer has no output_sizes and the plan entry gives no {ways}; "
+            f"give them in the entry, e.g. {' or '.join(examples) or f'output_sizes adding up to {features}'}"
+        )
+
     def __repr__(self) -> str:
         return f"<style {self.name!r}>"
 
@@ -151,9 +185,11 @@ class Style:
 class LayerPlan:
     """One plan entry's value: a style, and for fused layers how the output splits.
 
-    For ``qkv`` on a layer that does not carry ``output_sizes`` itself, give
-    ``output_sizes`` or ``num_heads`` (and ``num_kv_heads`` for grouped
-    attention); with neither, the output splits in three equal parts.
+    For a fused style (``qkv``, ``merged_colwise``) on a layer that does not
+    carry ``output_sizes`` itself, a plan entry gives ``output_sizes`` or, for
+    ``qkv``, ``num_heads`` (and ``num_kv_heads`` for grouped attention);
+    without them the entry is refused (equal parts would be a guess). Sizes
+    from the model's own plan or from inference need no such entry.
     ``gather_output`` replicates a column-parallel output (e.g. logits) on
     every device; by default it stays sharded (gathered only on ``.cpu()``).
     """

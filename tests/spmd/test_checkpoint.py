@@ -14,7 +14,7 @@ from fx_shard.checkpoint import load_sharded, shard_indices
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.models.plans import PLANS
 from fx_shard.sharding import layer_parameters
-from tests.toy import GPT2Like
+from tests.toy import GPT2Like, QKV_32
 
 
 def sharded(name, mesh, seed=0):
@@ -147,7 +147,7 @@ def test_load_sharded_into_sharded_model_keeps_parameter_objects(mesh):
 def test_load_sharded_conv1d_parts_read_their_columns(mesh, devices, tmp_path):
     from safetensors.torch import save_file
 
-    plan = {"c_attn": "qkv", "c_proj": "rowwise"}
+    plan = {"c_attn": QKV_32, "c_proj": "rowwise"}
     x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = GPT2Like().eval()
