@@ -29,7 +29,10 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import os
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase
 
-from fx_shard.axes import Axis, axis_size
+from fx_shard.axes import Axis, Spec, axis_size
 from fx_shard.capture import (
     Captured,
     capture_parts,
@@ -191,7 +194,10 @@ class Pipeline:
         self.timings = {}
         shard_plan = ShardPlan.coerce(plan)
         every_layer = {path: m for path, m in root.named_modules() if is_linear_like(m)}
-        shard_plan.resolve(every_layer, self.mesh_shape, self.tp_axis)  # raises PlanError for entries matching no layer
+        # Raises PlanError for entries matching no layer.
+        every_record = shard_plan.resolve(every_layer, self.mesh_shape, self.tp_axis)
+        if not shard_plan.auto:
+            _warn_if_nothing_planned(root, every_record)
         with _gc_paused():
             with self._phase("capture"):
                 opaque = capture(gm)
@@ -244,6 +250,7 @@ class Pipeline:
             for target, record in recorded_layers(gm):
                 layers.setdefault(f"{prefix}.{target}" if prefix else target, record)
         layers.update(outside)
+        _check_tied(root, layers)
         summary = ModelSharding(
             self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside)
         )
@@ -269,6 +276,7 @@ class Pipeline:
         if shard_plan.auto and undecided:
             found.update(_infer_outside(model, undecided, captured.opaque, args, kwargs, self.ways))
         records = shard_plan.resolve(layers, self.mesh_shape, self.tp_axis, found, model_plan)
+        _warn_if_nothing_planned(model, records)
         for path in outside:  # no pass sees these layers: their heads are fitted here, before any rewrite
             records[path] = _fit_outside(root, path, records[path], self.mesh_shape)
         return records, outside
@@ -301,7 +309,8 @@ def _infer_outside(
     model: nn.Module, paths: list[str], opaque: Mapping[str, str], args: tuple | None, kwargs: Mapping | None, ways: int
 ) -> dict[str, Decision]:
     """Inferred decisions for layers outside every graph, from the graph ``torch.export`` captures."""
-    if args is None and not kwargs:
+    dummy = args is None and not kwargs
+    if dummy:
         kwargs = getattr(model, "dummy_inputs", None)
         if not isinstance(kwargs, Mapping):
             where = ", ".join(sorted(opaque)[:3])
@@ -312,10 +321,61 @@ def _infer_outside(
     try:
         found = infer_from_export(model, tuple(args or ()), dict(kwargs or {}), ways)
     except Exception as e:  # the layers stay replicated, and the report says why
-        why = f"inferred: replicated, torch.export could not capture {type(model).__name__} either ({type(e).__name__})"
-        logger.info("%s: %s", why, e)
+        message = next((line.strip() for line in str(e).splitlines() if line.strip()), "no message")
+        message = message if len(message) <= 160 else message[:157] + "..."
+        why = (
+            f"inferred: replicated, torch.export could not capture {type(model).__name__} either "
+            f"({type(e).__name__}: {message})"
+        )
+        if dummy:
+            why += "; it ran on the model's dummy_inputs: pass the example_kwargs= the model runs with"
+        logger.info("%s", why)
         return {p: inferred(Replicate.name, why) for p in paths}
     return {p: d for p, d in found.items() if p in paths}
+
+
+def _warn_if_nothing_planned(model: nn.Module, records: Mapping[str, ShardingRecord]) -> None:
+    """Warn when no rule covered any layer: the model would run replicated, which is rarely what was meant."""
+    if not records or any(r.source_kind is not SourceKind.DEFAULT for r in records.values()):
+        return
+    names = list(records)
+    warnings.warn(
+        f"fx_shard: no rule covered any of the {len(names)} linear-like layers of {type(model).__name__} "
+        f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), so nothing is sharded; pass plan='auto' to infer "
+        "a plan from the graph, or a plan naming the layers, e.g. {'*.q_proj': 'colwise', '*.o_proj': 'rowwise'}",
+        UserWarning,
+        stacklevel=_caller_outside_fx_shard(),
+    )
+
+
+def _caller_outside_fx_shard() -> int:
+    """The ``stacklevel`` of the first caller outside fx_shard, so a warning points at the user's line."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_tied(root: nn.Module, layers: Mapping[str, ShardingRecord]) -> None:
+    """A parameter shared by several layers (tied weights) must be sharded alike by each layer's record.
+
+    Otherwise one record would decide for both, and the other layer's record (and the report) would be wrong.
+    """
+    seen: dict[int, tuple[str, str, Spec | None, ShardingRecord]] = {}
+    for path, record in layers.items():
+        for name, param in root.get_submodule(path).named_parameters(recurse=False):
+            spec = record.specs.get(name)
+            first = seen.setdefault(id(param), (path, name, spec, record))
+            if first[2] == spec:
+                continue
+            how = lambda s: f"shards it {s}" if s is not None else "replicates it"  # noqa: E731
+            raise PlanError(
+                f"{first[0]}.{first[1]} and {path}.{name} are one tensor (tied weights), but {first[0]} "
+                f"({first[3].style}, {first[3].source}) {how(first[2])} and {path} ({record.style}, {record.source}) "
+                f"{how(spec)}; give both layers styles that shard it alike: 'vocab' on the embedding with "
+                "'lm_head' on the head, or 'replicate' on both"
+            )
 
 
 def _fit_outside(root: nn.Module, path: str, record: ShardingRecord, mesh_shape: Mapping[str, int]) -> ShardingRecord:

@@ -1,6 +1,7 @@
 """Bad input: each error names the module, the value found and a way out."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -135,3 +136,32 @@ def test_fused_options_on_a_style_that_does_not_take_them():
         fx_shard.transform(layer, {"0": {"style": "colwise", "output_sizes": [16, 16]}}, mesh_shape={"tp": 4})
     with pytest.raises(PlanError, match=r"0: num_heads / num_kv_heads apply to style qkv, not 'merged_colwise'; remove them \(give output_sizes"):
         fx_shard.transform(layer, {"0": {"style": "merged_colwise", "num_heads": 4}}, mesh_shape={"tp": 4})
+
+
+@pytest.mark.parametrize("wte", ["replicate", None])
+def test_tied_weight_sharded_by_one_layer_and_replicated_by_the_other(wte):
+    plan = {k: v for k, v in PLANS["gpt2"].items() if k != "transformer.wte"}
+    if wte is not None:
+        plan["transformer.wte"] = wte
+    how = "plan entry 'transformer.wte'" if wte else "no rule covers it"
+    with pytest.raises(PlanError, match=(
+        rf"transformer.wte.weight and lm_head.weight are one tensor \(tied weights\), but transformer.wte \(replicate, {how}\) "
+        r"replicates it and lm_head \(lm_head, plan entry 'lm_head'\) shards it \('tp', None\); give both layers styles "
+        r"that shard it alike: 'vocab' on the embedding with 'lm_head' on the head, or 'replicate' on both"
+    )):
+        fx_shard.transform(models.build("gpt2", device="meta"), plan, mesh_shape={"tp": 2})
+    plan["transformer.wte"], plan["lm_head"] = "replicate", "replicate"
+    fx_shard.transform(models.build("gpt2", device="meta"), plan, mesh_shape={"tp": 2})
+
+
+def test_no_rule_covering_any_layer_warns():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=(
+        r"no rule covered any of the 2 linear-like layers of Sequential \(0, 2\), so nothing is sharded; "
+        r"pass plan='auto' to infer a plan from the graph, or a plan naming the layers"
+    )) as caught:
+        fx_shard.transform(model, mesh_shape={"tp": 2})
+    assert caught[0].filename == __file__, "the warning points at the caller's line"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fx_shard.transform(model, {"0": "colwise"}, mesh_shape={"tp": 2})  # one layer planned: no warning
