@@ -31,7 +31,7 @@ def transform(
     tp_axis: Axis | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: Mapping | None = None,
-    fused: str = "split",
+    fused: str | None = None,
 ) -> nn.Module:
     """Capture, plan and rewrite ``model`` for a mesh of ``mesh_shape``; no XLA needed.
 
@@ -47,10 +47,16 @@ def transform(
     split of the last dimension only if the tensor is 3-D).
 
     ``fused`` chooses how fused QKV / gate_up layers are sharded: ``"split"``
-    into one linear per part, or ``"interleave"``: kept one matmul with rows
-    reordered per device (falls back to split where it cannot keep heads whole),
-    and separate column-parallel layers of one input computed as one matmul
-    too (fewer all-reduces in training; see ``FuseSiblingLinears``).
+    (the default) into one linear per part, or ``"interleave"``: kept one
+    matmul with rows reordered per device (falls back to split where it
+    cannot keep heads whole), and separate column-parallel layers of one
+    input computed as one matmul too (fewer all-reduces in training; see
+    ``FuseSiblingLinears``).
+
+    A model ``transform`` already rewrote is returned as a copy with its
+    records, not rewritten again (so ``shard(transform(m, plan, ...), mesh)``
+    places ``transform``'s result): give ``plan=None`` (or the same plan) and
+    the same mesh; asking for anything else is a ``PlanError``.
     """
     pipeline = Pipeline(mesh_shape, tp_axis, fused)
     return pipeline.transform(model, plan, example_inputs, example_kwargs)
@@ -64,7 +70,7 @@ def shard(
     tp_axis: Axis | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: Mapping | None = None,
-    fused: str = "split",
+    fused: str | None = None,
 ) -> nn.Module:
     """``transform`` for ``mesh``, then place the result on the XLA device, sharded.
 

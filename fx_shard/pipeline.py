@@ -71,7 +71,7 @@ from fx_shard.plan import Decision, ShardPlan, check_mesh_shape, decide, resolve
 from fx_shard.sharding import SHARDING_KEY, ModelSharding, PassDiff, ShardingRecord, SourceKind, recorded_layers
 from fx_shard.styles import Colwise, Replicate
 
-__all__ = ["FUSED_STRATEGIES", "PASSES", "Pipeline"]
+__all__ = ["FUSED_STRATEGIES", "PASSES", "Pipeline", "transformed"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +96,29 @@ class Pipeline:
     """fx_shard's one pipeline for a mesh of ``mesh_shape``; no XLA needed.
 
     ``fused`` chooses how fused QKV / gate_up layers are sharded: ``"split"``
-    into one linear per part, or ``"interleave"``: kept one matmul with rows
-    reordered per device, and separate column-parallel layers of one input
-    computed as one matmul too. ``only`` runs a subset of the passes (by
-    name, still in the declared order): the benchmarks' baselines use it.
-    ``timings`` holds the seconds of each phase of the last run.
+    (the default, also for None) into one linear per part, or ``"interleave"``:
+    kept one matmul with rows reordered per device, and separate
+    column-parallel layers of one input computed as one matmul too. ``only``
+    runs a subset of the passes (by name, still in the declared order): the
+    benchmarks' baselines use it. ``timings`` holds the seconds of each phase
+    of the last run.
+
+    A model this pipeline already rewrote (it has ``root.meta["sharding"]``)
+    is not rewritten again: ``transform`` returns a copy with its records
+    (see ``_keep_transformed``).
     """
 
     mesh_shape: Mapping[str, int]
     tp_axis: Axis | None = None
-    fused: str = "split"
+    fused: str | None = None
     only: Sequence[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # What the caller asked for, before defaults: a transformed model is kept only if it was made so.
+    _asked: dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._asked = {"tp_axis": self.tp_axis, "fused": self.fused}
+        self.fused = "split" if self.fused is None else self.fused
         if self.fused not in FUSED_STRATEGIES:
             raise PlanError(f"fused={self.fused!r} is not a strategy; choose one of {', '.join(FUSED_STRATEGIES)}")
         self.mesh_shape = check_mesh_shape(self.mesh_shape)
@@ -154,7 +163,11 @@ class Pipeline:
     ) -> nn.Module:
         """Capture, plan and rewrite a copy of ``model``; see ``fx_shard.transform``."""
         self.timings = {}
+        done = transformed(model)
+        if done is not None:
+            return self._keep_transformed(model, done, plan)
         _check_host_model(model)
+        shard_plan = ShardPlan.coerce(plan)
         with _gc_paused():
             with self._phase("copy"):
                 model_copy = copy.deepcopy(model)
@@ -164,13 +177,14 @@ class Pipeline:
                 with self._phase("shapes"):
                     _propagate_part_shapes(captured, tuple(example_inputs or ()), dict(example_kwargs or {}))
             with self._phase("plan"):
-                records, outside = self._plan(model, captured, ShardPlan.coerce(plan), example_inputs, example_kwargs)
+                records, outside = self._plan(model, captured, shard_plan, example_inputs, example_kwargs)
             diff = []
             for prefix, gm in captured.parts.items():
                 diff += self.rewrite(gm, _under(records, prefix), prefix)
             with self._phase("summarize"):
                 use_einsum_attention(captured.root)
-                self.summarize(captured.root, captured.parts, {p: records[p] for p in outside}, captured.opaque, diff)
+                outside_records = {p: records[p] for p in outside}
+                self.summarize(captured.root, captured.parts, outside_records, captured.opaque, diff, shard_plan)
             if not _on_meta(captured.root):
                 with self._phase("code"):
                     generate_code(captured.root)
@@ -192,6 +206,12 @@ class Pipeline:
         graph breaks) may hold only some of them.
         """
         self.timings = {}
+        if transformed(root) is not None:
+            raise FxShardError(
+                f"{type(root).__name__} was already rewritten by fx_shard.transform / shard (root.meta['sharding']); "
+                "compile it with torch.compile(model, backend='openxla') (fx_shard.shard's result is sharded already), "
+                "or give fx_shard.backend the original model"
+            )
         shard_plan = ShardPlan.coerce(plan)
         every_layer = {path: m for path, m in root.named_modules() if is_linear_like(m)}
         # Raises PlanError for entries matching no layer.
@@ -211,7 +231,7 @@ class Pipeline:
                 found = infer_plan(gm, self.ways) if here.auto else {}
                 records = here.resolve(layers, self.mesh_shape, self.tp_axis, found, model_plan)
             diff = self.rewrite(gm, records)
-            self.summarize(gm, {"": gm}, {}, opaque, diff)
+            self.summarize(gm, {"": gm}, {}, opaque, diff, shard_plan)
         logger.info("fx_shard: %d layers planned in a captured graph, %d left inlined", len(records), len(opaque))
         return gm
 
@@ -243,6 +263,7 @@ class Pipeline:
         outside: Mapping[str, ShardingRecord],
         opaque: Mapping[str, str],
         diff: list[PassDiff],
+        plan: ShardPlan | None = None,
     ) -> ModelSharding:
         """Leave the ``ModelSharding`` on ``root.meta["sharding"]``: every layer's record, one home."""
         layers: dict[str, ShardingRecord] = {}
@@ -252,7 +273,8 @@ class Pipeline:
         layers.update(outside)
         _check_tied(root, layers)
         summary = ModelSharding(
-            self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside)
+            self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside),
+            plan=plan.to_dict() if plan is not None else None, fused=self.fused,
         )
         if not hasattr(root, "meta"):
             root.meta = {}
@@ -281,6 +303,40 @@ class Pipeline:
             records[path] = _fit_outside(root, path, records[path], self.mesh_shape)
         return records, outside
 
+    def _keep_transformed(self, model: nn.Module, done: ModelSharding, plan: ShardPlan | Mapping | str | None) -> nn.Module:
+        """A copy of ``model``, which this pipeline already rewrote, with its records, if this call asks for the same.
+
+        Rewriting it again would plan its split parts anew (a fused layer's checkpoint keys would become one per
+        part, its records would be replaced); so a second ``transform`` is a no-op, and ``shard(transform(m), mesh)``
+        places the transformed model as it is. Asking for another mesh, axis, strategy or plan is an error:
+        those need the original model. ``plan=None`` keeps the model's plan; example inputs are not needed.
+        """
+        name = type(model).__name__
+        on_device = next((p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")), None)
+        if on_device is not None:
+            raise FxShardError(
+                f"{name} is already sharded on {on_device} (fx_shard.shard's result): use it as it is; "
+                "to shard for another mesh or plan, shard the original model"
+            )
+        asked = []
+        if self.mesh_shape != dict(done.mesh_shape):
+            asked.append(f"mesh_shape={self.mesh_shape}")
+        if self._asked["tp_axis"] is not None and self.tp_axis != done.tp_axis:
+            asked.append(f"tp_axis={self.tp_axis!r} (it has {done.tp_axis!r})")
+        if self._asked["fused"] is not None and self.fused != done.fused:
+            asked.append(f"fused={self.fused!r} (it has {done.fused!r})")
+        if plan is not None and not _same_plan(ShardPlan.coerce(plan), done.plan):
+            asked.append(f"another plan than its own ({done.plan})")
+        if asked:
+            raise PlanError(
+                f"{name} was already transformed by fx_shard for mesh {dict(done.mesh_shape)} (root.meta['sharding']), "
+                f"but this call asks for {'; '.join(asked)}; transform the original model for that, or call with "
+                "plan=None and the same mesh to keep this one as it is"
+            )
+        logger.info("fx_shard: %s was already transformed for mesh %s; kept as it is", name, dict(done.mesh_shape))
+        with self._phase("copy"):
+            return copy.deepcopy(model)
+
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
@@ -288,6 +344,19 @@ class Pipeline:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def transformed(model: nn.Module) -> ModelSharding | None:
+    """The ``ModelSharding`` of a model fx_shard already rewrote, or None."""
+    meta = getattr(model, "meta", None)
+    summary = meta.get(SHARDING_KEY) if isinstance(meta, Mapping) else None
+    return summary if isinstance(summary, ModelSharding) else None
+
+
+def _same_plan(plan: ShardPlan, data: Mapping | None) -> bool:
+    """Whether ``plan`` is the plan ``data`` (``ShardPlan.to_dict()``) describes, entries in the same order."""
+    ours = plan.to_dict()
+    return data is not None and ours == data and list(ours["entries"]) == list(data["entries"])
 
 
 def _on_meta(root: nn.Module) -> bool:

@@ -117,7 +117,8 @@ class ModelSharding:
     the layers planned as modules outside any graph, whose paths are in
     ``outside``. ``opaque`` names the modules that did not trace, with the
     reason; ``diff`` has what each pass changed in each graph (the raw
-    material of the report's graph diff).
+    material of the report's graph diff); ``plan`` and ``fused`` say what was
+    asked for, so a second ``transform`` can tell whether it asks for the same.
     """
 
     mesh_shape: Mapping[str, int]
@@ -127,6 +128,9 @@ class ModelSharding:
     opaque: Mapping[str, str] = field(default_factory=dict)
     diff: tuple[PassDiff, ...] = ()
     outside: frozenset[str] = frozenset()
+    #: The plan the model was transformed with (``ShardPlan.to_dict()``), and the fused-layer strategy.
+    plan: Mapping | None = None
+    fused: str = "split"
 
 
 def sharding_of(node: fx.Node) -> ShardingRecord | None:
