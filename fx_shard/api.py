@@ -13,6 +13,7 @@ from torch import nn
 
 from fx_shard import styles, xla
 from fx_shard.axes import Axis
+from fx_shard.errors import FxShardError
 from fx_shard.pipeline import Pipeline
 from fx_shard.plan import ShardPlan, resolve_tp_axis
 from fx_shard.split_linear import SplitLinear
@@ -95,6 +96,13 @@ def shard_model(model: nn.Module, mesh) -> None:
     rows). Layers are matched through their base classes, so subclasses count.
     """
     axis = resolve_tp_axis(xla.mesh_shape_of(mesh))
+    elsewhere = next(((n, t.device) for n, t in model.named_parameters() if t.device.type != "xla"), None)
+    if elsewhere is not None:
+        raise FxShardError(
+            f"{type(model).__name__}.{elsewhere[0]} is on {elsewhere[1]}; shard_model shards in place a model already "
+            "on the XLA device, as vLLM's does: move it first with model.to(fx_shard.xla_device()), or use "
+            "fx_shard.shard, which places a CPU model itself"
+        )
     for name, module in list(model.named_modules()):
         rule = styles.for_class(module)
         if rule is None or rule[0].shards is None:

@@ -38,7 +38,7 @@ from fx_shard import xla
 from fx_shard.axes import Spec, axis_names, local_shape
 from fx_shard.capture import generate_code
 from fx_shard.errors import FxShardError, PlanError
-from fx_shard.sharding import SHARDING_KEY
+from fx_shard.sharding import SHARDING_KEY, transformed
 from fx_shard.split_linear import SplitLinear
 from fx_shard.xla import mesh_for, mesh_shape_of, param_specs, xla_device
 
@@ -74,11 +74,12 @@ def load_sharded(
     with ``strict`` (the default) so are keys no parameter or buffer takes.
     Returns ``gm``.
     """
-    summary = gm.meta.get(SHARDING_KEY)
+    summary = transformed(gm)
     if summary is None:
         raise FxShardError(
-            f"{type(gm).__name__} has no sharding summary in gm.meta[{SHARDING_KEY!r}]; "
-            "load into the result of fx_shard.transform or fx_shard.shard"
+            f"{type(gm).__name__} was not rewritten by fx_shard (no ModelSharding in .meta[{SHARDING_KEY!r}]); "
+            "load into the result of fx_shard.transform(model, plan, mesh_shape=...) or fx_shard.shard, "
+            "or use load_state_dict for a module fx_shard did not transform"
         )
     if mesh_shape_of(mesh) != dict(summary.mesh_shape):
         raise PlanError(

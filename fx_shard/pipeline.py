@@ -68,10 +68,18 @@ from fx_shard.passes import (
     SplitFusedLinear,
 )
 from fx_shard.plan import Decision, ShardPlan, check_mesh_shape, decide, resolve_tp_axis
-from fx_shard.sharding import SHARDING_KEY, ModelSharding, PassDiff, ShardingRecord, SourceKind, recorded_layers
+from fx_shard.sharding import (
+    SHARDING_KEY,
+    ModelSharding,
+    PassDiff,
+    ShardingRecord,
+    SourceKind,
+    recorded_layers,
+    transformed,
+)
 from fx_shard.styles import Colwise, Replicate
 
-__all__ = ["FUSED_STRATEGIES", "PASSES", "Pipeline", "transformed"]
+__all__ = ["FUSED_STRATEGIES", "PASSES", "Pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -344,13 +352,6 @@ class Pipeline:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-
-
-def transformed(model: nn.Module) -> ModelSharding | None:
-    """The ``ModelSharding`` of a model fx_shard already rewrote, or None."""
-    meta = getattr(model, "meta", None)
-    summary = meta.get(SHARDING_KEY) if isinstance(meta, Mapping) else None
-    return summary if isinstance(summary, ModelSharding) else None
 
 
 def _same_plan(plan: ShardPlan, data: Mapping | None) -> bool:

@@ -31,6 +31,7 @@ __all__ = [
     "narrowed",
     "recorded_layers",
     "sharding_of",
+    "transformed",
 ]
 
 SHARDING_KEY = "sharding"
@@ -150,6 +151,13 @@ def narrowed(record: ShardingRecord, axes: tuple[str, ...], note: str, **changes
 def model_sharding(root: torch.nn.Module) -> ModelSharding:
     """The ``ModelSharding`` fx_shard left on a rewritten model (``root.meta["sharding"]``)."""
     return root.meta[SHARDING_KEY]
+
+
+def transformed(root: torch.nn.Module) -> ModelSharding | None:
+    """The ``ModelSharding`` of a model fx_shard rewrote (``transform`` / ``shard``), or None for any other module."""
+    meta = getattr(root, "meta", None)
+    summary = meta.get(SHARDING_KEY) if isinstance(meta, Mapping) else None
+    return summary if isinstance(summary, ModelSharding) else None
 
 
 def recorded_layers(gm: fx.GraphModule) -> Iterator[tuple[str, ShardingRecord]]:

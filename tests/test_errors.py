@@ -165,3 +165,24 @@ def test_no_rule_covering_any_layer_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fx_shard.transform(model, {"0": "colwise"}, mesh_shape={"tp": 2})  # one layer planned: no warning
+
+
+def test_load_sharded_into_a_module_fx_shard_did_not_transform():
+    with pytest.raises(FxShardError, match=(
+        r"Linear was not rewritten by fx_shard \(no ModelSharding in .meta\['sharding'\]\); load into the result of "
+        r"fx_shard.transform\(model, plan, mesh_shape=...\) or fx_shard.shard, or use load_state_dict"
+    )):
+        fx_shard.load_sharded(torch.nn.Linear(4, 4), {}, mesh=None)
+
+
+def test_shard_model_on_a_model_still_on_the_cpu():
+    from types import SimpleNamespace
+
+    mesh = SimpleNamespace(axis_names=("tp",), mesh_shape=(2,))  # what shard_model reads before any XLA call
+    model = models.build("llama-vllm")
+    with pytest.raises(FxShardError, match=(
+        r"VllmLlamaForCausalLM.model.embed_tokens.weight is on cpu; shard_model shards in place a model already on the "
+        r"XLA device, as vLLM's does: move it first with model.to\(fx_shard.xla_device\(\)\), or use fx_shard.shard"
+    )):
+        fx_shard.shard_model(model, mesh)
+    assert not any(type(m).__name__ == "SplitLinear" for m in model.modules()), "nothing was changed"
