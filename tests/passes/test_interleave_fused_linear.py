@@ -13,7 +13,7 @@ from fx_shard.passes import AnnotateSharding, InterleaveFusedLinear, RewireFused
 from fx_shard.plan import ShardPlan
 from fx_shard.sharding import Layout, sharding_of
 from tests.passes.helpers import annotated
-from tests.toy import FusedAttention, QKV_32, VllmBlock, seeded
+from tests.toy import QKV_32, FusedAttention, VllmBlock, seeded
 
 
 @pytest.mark.parametrize("name", ["gpt2", "vit", "llama-vllm"])

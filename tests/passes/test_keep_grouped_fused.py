@@ -7,7 +7,7 @@ from fx_shard.fused import join_parts
 from fx_shard.passes import FitHeadsToMesh, KeepGroupedFused, RewireFusedConsumers, SplitFusedLinear
 from fx_shard.sharding import Layout, sharding_of
 from tests.passes.helpers import annotated, call_targets, grouped_annotated
-from tests.toy import FalconQKV, FusedAttention, GroupedQKV, HeadsAttention, QKV_32, seeded
+from tests.toy import QKV_32, FalconQKV, FusedAttention, GroupedQKV, HeadsAttention, seeded
 
 
 def test_keep_grouped_fused_qkv_when_whole_groups_fit():

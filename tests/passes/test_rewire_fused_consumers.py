@@ -7,7 +7,7 @@ from torch.testing import FileCheck
 from fx_shard.passes import RewireFusedConsumers, SplitFusedLinear
 from fx_shard.sharding import sharding_of
 from tests.passes.helpers import annotated, fused_cats, split_for
-from tests.toy import HeadsAttention, QKV_32, VllmBlock, seeded
+from tests.toy import QKV_32, HeadsAttention, VllmBlock, seeded
 
 
 @pytest.mark.parametrize("layout", ["timm", "index", "unbind_axis", "split_int", "split_list", "chunk", "slices"])

@@ -11,7 +11,7 @@ from fx_shard.passes import RewireFusedConsumers, SplitFusedLinear
 from fx_shard.sharding import SHARDING_KEY, sharding_of
 from fx_shard.split_linear import SplitLinear
 from tests.passes.helpers import annotated, call_targets, fused_cats, split_for
-from tests.toy import FusedAttention, GPT2Like, QKV_32, VllmBlock, seeded
+from tests.toy import QKV_32, FusedAttention, GPT2Like, VllmBlock, seeded
 
 
 def test_split_fused_nn_linear():

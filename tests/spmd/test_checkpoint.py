@@ -14,7 +14,7 @@ from fx_shard.checkpoint import load_sharded, shard_indices
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.models.plans import PLANS
 from fx_shard.sharding import layer_parameters
-from tests.toy import GPT2Like, QKV_32
+from tests.toy import QKV_32, GPT2Like
 
 
 def sharded(name, mesh, seed=0):
