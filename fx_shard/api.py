@@ -13,6 +13,7 @@ from torch import nn
 
 from fx_shard import styles, xla
 from fx_shard.axes import Axis
+from fx_shard.errors import FxShardError
 from fx_shard.pipeline import Pipeline
 from fx_shard.plan import ShardPlan, resolve_tp_axis
 from fx_shard.split_linear import SplitLinear
@@ -31,7 +32,7 @@ def transform(
     tp_axis: Axis | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: Mapping | None = None,
-    fused: str = "split",
+    fused: str | None = None,
 ) -> nn.Module:
     """Capture, plan and rewrite ``model`` for a mesh of ``mesh_shape``; no XLA needed.
 
@@ -47,10 +48,16 @@ def transform(
     split of the last dimension only if the tensor is 3-D).
 
     ``fused`` chooses how fused QKV / gate_up layers are sharded: ``"split"``
-    into one linear per part, or ``"interleave"``: kept one matmul with rows
-    reordered per device (falls back to split where it cannot keep heads whole),
-    and separate column-parallel layers of one input computed as one matmul
-    too (fewer all-reduces in training; see ``FuseSiblingLinears``).
+    (the default) into one linear per part, or ``"interleave"``: kept one
+    matmul with rows reordered per device (falls back to split where it
+    cannot keep heads whole), and separate column-parallel layers of one
+    input computed as one matmul too (fewer all-reduces in training; see
+    ``FuseSiblingLinears``).
+
+    A model ``transform`` already rewrote is returned as a copy with its
+    records, not rewritten again (so ``shard(transform(m, plan, ...), mesh)``
+    places ``transform``'s result): give ``plan=None`` (or the same plan) and
+    the same mesh; asking for anything else is a ``PlanError``.
     """
     pipeline = Pipeline(mesh_shape, tp_axis, fused)
     return pipeline.transform(model, plan, example_inputs, example_kwargs)
@@ -64,7 +71,7 @@ def shard(
     tp_axis: Axis | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: Mapping | None = None,
-    fused: str = "split",
+    fused: str | None = None,
 ) -> nn.Module:
     """``transform`` for ``mesh``, then place the result on the XLA device, sharded.
 
@@ -89,6 +96,13 @@ def shard_model(model: nn.Module, mesh) -> None:
     rows). Layers are matched through their base classes, so subclasses count.
     """
     axis = resolve_tp_axis(xla.mesh_shape_of(mesh))
+    elsewhere = next(((n, t.device) for n, t in model.named_parameters() if t.device.type != "xla"), None)
+    if elsewhere is not None:
+        raise FxShardError(
+            f"{type(model).__name__}.{elsewhere[0]} is on {elsewhere[1]}; shard_model shards in place a model already "
+            "on the XLA device, as vLLM's does: move it first with model.to(fx_shard.xla_device()), or use "
+            "fx_shard.shard, which places a CPU model itself"
+        )
     for name, module in list(model.named_modules()):
         rule = styles.for_class(module)
         if rule is None or rule[0].shards is None:

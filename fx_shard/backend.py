@@ -17,6 +17,13 @@ transformers 5.x) with the graph rewrites ``fx_shard.shard`` applies:
 Steps 1 and 2 are ``transform_captured``: graph surgery only, no XLA.
 
 The model and its inputs must be on the XLA device before the first call.
+Dynamo traces the model before it calls any backend, and ``torch.compile``
+gives a backend no hook before that (it wraps the backend in its own
+``_TorchCompileWrapper``): a model left on the CPU with inputs on XLA (or the
+reverse) fails in dynamo's tracing, ``Unhandled FakeTensor Device Propagation
+... found two different devices cpu, xla:0``. With model and inputs both on
+the CPU the backend is reached and refuses them (``FxShardError``, inside
+dynamo's ``BackendCompilerFailed``).
 The layers' own parameters are sharded in place (same Parameter objects,
 new device layout). A fused layer split by the plan (``qkv``,
 ``merged_colwise``) gets sharded copies of its parts, held by the compiled
@@ -167,6 +174,7 @@ def _check_on_xla(example_inputs: Sequence) -> None:
     elsewhere = {str(t.device) for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type != "xla"}
     if elsewhere:
         raise FxShardError(
-            f"fx_shard.backend compiles for the XLA device, but the graph's inputs are on {', '.join(sorted(elsewhere))}; "
-            "move the model and its inputs to fx_shard.xla_device() before calling the compiled model"
+            f"fx_shard.backend compiles for the XLA device, but the graph's inputs (the model's parameters and the "
+            f"call's tensors) are on {', '.join(sorted(elsewhere))}; move the model and its inputs to "
+            "fx_shard.xla_device() before calling the compiled model (model.to(fx_shard.xla_device()))"
         )

@@ -26,7 +26,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,7 @@ from fx_shard import xla
 from fx_shard.axes import Spec, axis_names, local_shape
 from fx_shard.capture import generate_code
 from fx_shard.errors import FxShardError, PlanError
-from fx_shard.sharding import SHARDING_KEY
+from fx_shard.sharding import SHARDING_KEY, transformed
 from fx_shard.split_linear import SplitLinear
 from fx_shard.xla import mesh_for, mesh_shape_of, param_specs, xla_device
 
@@ -72,47 +72,71 @@ def load_sharded(
 
     Missing keys are an error (a parameter left on ``meta`` cannot run);
     with ``strict`` (the default) so are keys no parameter or buffer takes.
-    Returns ``gm``.
+    A tied tensor (``lm_head.weight`` is ``wte.weight``) loads from any of
+    its keys; when the checkpoint holds several (a ``state_dict``, or a file
+    saved with both), they must hold the same values. A checkpoint tensor of
+    another floating dtype is cast (a bfloat16 checkpoint into float32
+    parameters); any other dtype difference (integers or booleans into
+    floating point) is an error. Every check runs before anything is
+    written, and a read that fails later (a damaged file) puts back what was
+    installed: ``gm`` is loaded whole or left as it was. Returns ``gm``.
     """
-    summary = gm.meta.get(SHARDING_KEY)
+    summary = transformed(gm)
     if summary is None:
         raise FxShardError(
-            f"{type(gm).__name__} has no sharding summary in gm.meta[{SHARDING_KEY!r}]; "
-            "load into the result of fx_shard.transform or fx_shard.shard"
+            f"{type(gm).__name__} was not rewritten by fx_shard (no ModelSharding in .meta[{SHARDING_KEY!r}]); "
+            "load into the result of fx_shard.transform(model, plan, mesh_shape=...) or fx_shard.shard, "
+            "or use load_state_dict for a module fx_shard did not transform"
         )
     if mesh_shape_of(mesh) != dict(summary.mesh_shape):
         raise PlanError(
             f"gm was transformed for mesh {dict(summary.mesh_shape)} but the mesh given is {mesh_shape_of(mesh)}; "
             f"transform the model again with mesh_shape={mesh_shape_of(mesh)}"
         )
-    device = xla_device()
     specs = {id(param): spec for param, spec, _ in param_specs(gm).values()}
     with _open(source) as reader:
-        plan, missing, left_on_meta = [], [], []
+        plan, missing, left_on_meta, taken = [], [], [], set()
         for group in _tensor_groups(gm):
-            location = next((loc for loc in group.locations if loc.key in reader.shapes), None)
-            if location is not None:
-                _check_shape(location, reader.shapes[location.key])
-                plan.append((group, location))
+            present = [loc for loc in group.locations if loc.key in reader.shapes]
+            if present:
+                for location in present:
+                    _check_shape(location, reader.shapes[location.key])
+                    _check_dtype(location, reader.dtypes[location.key], group.tensor.dtype)
+                _check_tied(reader, present)
+                taken.update(loc.key for loc in present)
+                plan.append((group, present[0]))
             elif group.persistent:
                 missing.append(group.locations[0].key)
                 if group.tensor.is_meta:
                     left_on_meta.append(group.locations[0].name)
-        unexpected = sorted(set(reader.shapes) - {location.key for _, location in plan})
+        unexpected = sorted(set(reader.shapes) - taken)
         if left_on_meta or (strict and (missing or unexpected)):
             raise FxShardError(_mismatch_message(missing, unexpected, left_on_meta))
         buffers = _unsaved_buffers(gm, model)
-        # Nothing is touched before the checkpoint and the buffers are known to fit.
-        for group, location in plan:
-            if group.is_param:
-                loaded = _load_param(reader, location, group.tensor, specs.get(id(group.tensor)), mesh, device)
-            else:
-                loaded = _read(reader, location, _full_index(group.tensor.shape)).to(group.tensor.dtype).to(device)
-            _install(gm, group, loaded)
-    for group, buffer in buffers:
-        buffer = buffer.to(device)
-        for path, field in group.owners:
-            gm.get_submodule(path)._buffers[field] = buffer
+        # Nothing is touched before the checkpoint and the buffers are known to fit; a read that fails
+        # after that (a damaged file) puts back what was installed, so the model is loaded whole or not at all.
+        device = xla_device()  # only now: every check above runs without an XLA runtime
+        undo: list = []
+        key = None
+        try:
+            for group, location in plan:
+                key = location.key
+                if group.is_param:
+                    loaded = _load_param(reader, location, group.tensor, specs.get(id(group.tensor)), mesh, device)
+                else:
+                    loaded = _read(reader, location, _full_index(group.tensor.shape)).to(group.tensor.dtype).to(device)
+                undo.append(_install(gm, group, loaded))
+            key = None
+            for group, buffer in buffers:
+                undo.append(_install(gm, group, buffer.to(device)))
+        except Exception as e:
+            for restore in reversed(undo):
+                restore()
+            where = f"reading checkpoint tensor {key!r}" if key else "placing the non-persistent buffers"
+            raise FxShardError(
+                f"{where} failed ({type(e).__name__}: {e}); nothing was loaded, {type(gm).__name__} is as it was: "
+                "check the checkpoint file (a partial download, a damaged copy) and load it again"
+            ) from e
     generate_code(gm)
     logger.info("load_sharded: %d tensors into %s", len(plan), type(gm).__name__)
     return gm
@@ -209,6 +233,34 @@ def _check_shape(location: _Location, shape: tuple[int, ...]) -> None:
         )
 
 
+def _check_dtype(location: _Location, saved: torch.dtype, dtype: torch.dtype) -> None:
+    """A checkpoint tensor loads into ``dtype`` if it has that dtype, or if both are floating point (a cast).
+
+    A float16 / bfloat16 checkpoint into float32 parameters (or the reverse) is how models are shipped and
+    loaded, so it is cast, as ``load_state_dict`` does; integers or booleans into floating point (or the
+    reverse, or between integer widths) are not a cast of the same values: refused.
+    """
+    if saved == dtype or (saved.is_floating_point and dtype.is_floating_point):
+        return
+    raise FxShardError(
+        f"checkpoint tensor {location.key!r} is {saved}, but {location.name} is {dtype}; load a checkpoint of this "
+        f"model (its {dtype} values), or convert that tensor first (tensor.to({dtype}) in the state_dict) if its "
+        "values are meant as such"
+    )
+
+
+def _check_tied(reader: _Reader, present: Sequence[_Location]) -> None:
+    """Several keys of one tied tensor in the checkpoint (a state_dict keeps both names) must hold the same values."""
+    first = present[0]
+    for other in present[1:]:
+        if not reader.same(first.key, other.key):
+            raise FxShardError(
+                f"the checkpoint holds different values at {first.key!r} and {other.key!r}, but the model ties "
+                f"{first.name} and {other.name} (one tensor); load a checkpoint of a tied model (saved with "
+                "safetensors.torch.save_model, or with one of the keys), or untie the weights in the model first"
+            )
+
+
 def _mismatch_message(missing: list[str], unexpected: list[str], left_on_meta: list[str]) -> str:
     lines = ["the checkpoint does not match the model:"]
     if missing:
@@ -217,7 +269,11 @@ def _mismatch_message(missing: list[str], unexpected: list[str], left_on_meta: l
         lines.append(f"these would stay on meta: {_first(left_on_meta)}")
     if unexpected:
         lines.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
-    lines.append("load the checkpoint of this model (original keys; fused QKV as saved), or pass strict=False")
+    if left_on_meta:
+        # strict=False would not help: a parameter left on meta cannot run.
+        lines.append("load a checkpoint of this model that holds them (original keys; fused QKV as saved)")
+    else:
+        lines.append("load the checkpoint of this model (original keys; fused QKV as saved), or pass strict=False")
     return "\n".join(lines)
 
 
@@ -233,20 +289,49 @@ class _Reader:
 
     def __init__(self, stack: ExitStack, source: Source) -> None:
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         self._tensors: dict[str, torch.Tensor] = {}
         self._files: dict[str, object] = {}
         if isinstance(source, Mapping):
             self._tensors = dict(source)
+            for key, value in self._tensors.items():
+                if not isinstance(value, torch.Tensor):
+                    raise FxShardError(
+                        f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; pass a state_dict of "
+                        "tensors (model.state_dict(), or torch.load(path, weights_only=True))"
+                    )
             self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+            self.dtypes = {k: v.dtype for k, v in self._tensors.items()}
             return
         safe_open = _safe_open()
         for path in _files(source):
-            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            handle = stack.enter_context(_open_safetensors(safe_open, path))
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 if key in self._files:
                     raise FxShardError(f"checkpoint key {key!r} is in more than one file (second: {path})")
                 self._files[key] = handle
-                self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+                info = handle.get_slice(key)
+                self.shapes[key] = tuple(info.get_shape())
+                self.dtypes[key] = _torch_dtype(info.get_dtype(), key, path)
+
+    def same(self, a: str, b: str) -> bool:
+        """Whether keys ``a`` and ``b`` hold equal tensors (read block by block from files)."""
+        if self.shapes[a] != self.shapes[b] or self.dtypes[a] != self.dtypes[b]:
+            return False
+        if a in self._tensors and b in self._tensors:
+            x, y = self._tensors[a], self._tensors[b]
+            if x is y or (x.device == y.device and x.data_ptr() == y.data_ptr() and x.stride() == y.stride()):
+                return True  # one tensor under two names, as a tied model's own state_dict has it
+            return torch.equal(x.detach().cpu(), y.detach().cpu())
+        rows = self.shapes[a][0] if self.shapes[a] else 1
+        step = max(1, (1 << 24) // max(1, math.prod(self.shapes[a][1:])))  # about 16M elements a block
+        for start in range(0, rows, step):
+            index = _full_index(self.shapes[a])
+            if index:
+                index = (slice(start, min(start + step, rows)), *index[1:])
+            if not torch.equal(self.read(a, index), self.read(b, index)):
+                return False
+        return True
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """``checkpoint[key][index]`` on the CPU; from a file, only those elements are read."""
@@ -256,6 +341,41 @@ class _Reader:
         if all(s == slice(0, n) for s, n in zip(index, self.shapes[key])):
             return handle.get_tensor(key)
         return handle.get_slice(key)[index]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _torch_dtype(name: str, key: str, path: Path) -> torch.dtype:
+    dtype = _SAFETENSORS_DTYPES.get(name)
+    if dtype is None:
+        raise FxShardError(f"checkpoint tensor {key!r} in {path} has dtype {name}, which fx_shard cannot load")
+    return dtype
+
+
+def _open_safetensors(safe_open, path: Path):
+    """``safe_open(path)``, or an error saying what the file is when it is not a safetensors file."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK\x03\x04"):
+            what = "a zip archive, as torch.save writes"
+        elif head[:1] == b"\x80":
+            what = "a pickle file, as torch.save writes with _use_new_zipfile_serialization=False"
+        else:
+            what = f"{type(e).__name__}: {e}"
+        raise FxShardError(
+            f"{path} is not a safetensors file ({what}); convert it once with "
+            f"safetensors.torch.save_file(torch.load({str(path)!r}, weights_only=True), 'model.safetensors') "
+            "(for a model with tied weights: safetensors.torch.save_model(model, 'model.safetensors')), "
+            "or pass the state_dict itself: load_sharded(gm, torch.load(path, weights_only=True), mesh)"
+        ) from e
 
 
 @contextmanager
@@ -282,7 +402,12 @@ def _files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path
         if path.is_dir():
             found = sorted(path.glob("*.safetensors"))
             if not found:
-                raise FxShardError(f"no *.safetensors file in {path}")
+                others = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
+                hint = (
+                    f" (it has {', '.join(others[:3])}: convert with safetensors.torch.save_file, or pass "
+                    "torch.load(path, weights_only=True))" if others else ""
+                )
+                raise FxShardError(f"no *.safetensors file in {path}{hint}")
             files += found
         elif path.is_file():
             files.append(path)
@@ -388,16 +513,30 @@ def _load_param(
     return xla.global_tensor_from_shards([pieces[d] for d in xla.runtime_device_ids()], mesh, spec, list(param.shape))
 
 
-def _install(gm: fx.GraphModule, group: _Group, loaded: torch.Tensor) -> None:
-    """Put ``loaded`` where ``group``'s tensor was: into the same Parameter if it is on the device, else a new one."""
+def _install(gm: fx.GraphModule, group: _Group, loaded: torch.Tensor) -> Callable[[], None]:
+    """Put ``loaded`` where ``group``'s tensor was: into the same Parameter if it is on the device, else a new one.
+
+    Returns what puts the old tensor back.
+    """
     old = group.tensor
     if group.is_param and not old.is_meta and old.device.type == loaded.device.type:
+        data = old.data
         old.data = loaded
-        return
+        return lambda: setattr(old, "data", data)
     new = nn.Parameter(loaded, requires_grad=old.requires_grad) if group.is_param else loaded
-    for path, field in group.owners:
-        table = gm.get_submodule(path)._parameters if group.is_param else gm.get_submodule(path)._buffers
+    tables = [
+        (gm.get_submodule(path)._parameters if group.is_param else gm.get_submodule(path)._buffers, field)
+        for path, field in group.owners
+    ]
+    before = [(table, field, table[field]) for table, field in tables]
+    for table, field in tables:
         table[field] = new
+
+    def restore() -> None:
+        for table, field, tensor in before:
+            table[field] = tensor
+
+    return restore
 
 
 # --------------------------------------------------------------------------- buffers no checkpoint holds

@@ -29,7 +29,10 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import os
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase
 
-from fx_shard.axes import Axis, axis_size
+from fx_shard.axes import Axis, Spec, axis_size
 from fx_shard.capture import (
     Captured,
     capture_parts,
@@ -65,8 +68,16 @@ from fx_shard.passes import (
     SplitFusedLinear,
 )
 from fx_shard.patterns import PENDING_SHAPES
-from fx_shard.plan import Decision, ShardPlan, decide, resolve_tp_axis
-from fx_shard.sharding import SHARDING_KEY, ModelSharding, PassDiff, ShardingRecord, SourceKind, recorded_layers
+from fx_shard.plan import Decision, ShardPlan, check_mesh_shape, decide, resolve_tp_axis
+from fx_shard.sharding import (
+    SHARDING_KEY,
+    ModelSharding,
+    PassDiff,
+    ShardingRecord,
+    SourceKind,
+    recorded_layers,
+    transformed,
+)
 from fx_shard.styles import Colwise, Replicate
 
 __all__ = ["FUSED_STRATEGIES", "PASSES", "Pipeline"]
@@ -94,23 +105,32 @@ class Pipeline:
     """fx_shard's one pipeline for a mesh of ``mesh_shape``; no XLA needed.
 
     ``fused`` chooses how fused QKV / gate_up layers are sharded: ``"split"``
-    into one linear per part, or ``"interleave"``: kept one matmul with rows
-    reordered per device, and separate column-parallel layers of one input
-    computed as one matmul too. ``only`` runs a subset of the passes (by
-    name, still in the declared order): the benchmarks' baselines use it.
-    ``timings`` holds the seconds of each phase of the last run.
+    (the default, also for None) into one linear per part, or ``"interleave"``:
+    kept one matmul with rows reordered per device, and separate
+    column-parallel layers of one input computed as one matmul too. ``only``
+    runs a subset of the passes (by name, still in the declared order): the
+    benchmarks' baselines use it. ``timings`` holds the seconds of each phase
+    of the last run.
+
+    A model this pipeline already rewrote (it has ``root.meta["sharding"]``)
+    is not rewritten again: ``transform`` returns a copy with its records
+    (see ``_keep_transformed``).
     """
 
     mesh_shape: Mapping[str, int]
     tp_axis: Axis | None = None
-    fused: str = "split"
+    fused: str | None = None
     only: Sequence[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # What the caller asked for, before defaults: a transformed model is kept only if it was made so.
+    _asked: dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._asked = {"tp_axis": self.tp_axis, "fused": self.fused}
+        self.fused = "split" if self.fused is None else self.fused
         if self.fused not in FUSED_STRATEGIES:
             raise PlanError(f"fused={self.fused!r} is not a strategy; choose one of {', '.join(FUSED_STRATEGIES)}")
-        self.mesh_shape = dict(self.mesh_shape)
+        self.mesh_shape = check_mesh_shape(self.mesh_shape)
         self.tp_axis = resolve_tp_axis(self.mesh_shape, self.tp_axis)
         unknown = sorted(set(self.only or ()) - {cls.__name__ for cls, _ in PASSES})
         if unknown:
@@ -152,7 +172,11 @@ class Pipeline:
     ) -> nn.Module:
         """Capture, plan and rewrite a copy of ``model``; see ``fx_shard.transform``."""
         self.timings = {}
+        done = transformed(model)
+        if done is not None:
+            return self._keep_transformed(model, done, plan)
         _check_host_model(model)
+        shard_plan = ShardPlan.coerce(plan)
         with _gc_paused():
             with self._phase("copy"):
                 model_copy = copy.deepcopy(model)
@@ -162,14 +186,15 @@ class Pipeline:
                 with self._phase("shapes"):
                     _defer_part_shapes(captured, tuple(example_inputs or ()), dict(example_kwargs or {}))
             with self._phase("plan"):
-                records, outside = self._plan(model, captured, ShardPlan.coerce(plan), example_inputs, example_kwargs)
+                records, outside = self._plan(model, captured, shard_plan, example_inputs, example_kwargs)
             diff = []
             for prefix, gm in captured.parts.items():
                 diff += self.rewrite(gm, _under(records, prefix), prefix)
             with self._phase("summarize"):
                 kept = use_einsum_attention(captured.root)
                 notes = (f"attention: {kept}",) if kept else ()
-                self.summarize(captured.root, captured.parts, {p: records[p] for p in outside}, captured.opaque, diff, notes)
+                outside_records = {p: records[p] for p in outside}
+                self.summarize(captured.root, captured.parts, outside_records, captured.opaque, diff, shard_plan, notes)
             if not _on_meta(captured.root):
                 with self._phase("code"):
                     generate_code(captured.root)
@@ -191,9 +216,18 @@ class Pipeline:
         graph breaks) may hold only some of them.
         """
         self.timings = {}
+        if transformed(root) is not None:
+            raise FxShardError(
+                f"{type(root).__name__} was already rewritten by fx_shard.transform / shard (root.meta['sharding']); "
+                "compile it with torch.compile(model, backend='openxla') (fx_shard.shard's result is sharded already), "
+                "or give fx_shard.backend the original model"
+            )
         shard_plan = ShardPlan.coerce(plan)
         every_layer = {path: m for path, m in root.named_modules() if is_linear_like(m)}
-        shard_plan.resolve(every_layer, self.mesh_shape, self.tp_axis)  # raises PlanError for entries matching no layer
+        # Raises PlanError for entries matching no layer.
+        every_record = shard_plan.resolve(every_layer, self.mesh_shape, self.tp_axis)
+        if not shard_plan.auto:
+            _warn_if_nothing_planned(root, every_record)
         with _gc_paused():
             with self._phase("capture"):
                 opaque = capture(gm)
@@ -207,7 +241,7 @@ class Pipeline:
                 found = infer_plan(gm, self.ways) if here.auto else {}
                 records = here.resolve(layers, self.mesh_shape, self.tp_axis, found, model_plan)
             diff = self.rewrite(gm, records)
-            self.summarize(gm, {"": gm}, {}, opaque, diff)
+            self.summarize(gm, {"": gm}, {}, opaque, diff, shard_plan)
         logger.info("fx_shard: %d layers planned in a captured graph, %d left inlined", len(records), len(opaque))
         return gm
 
@@ -239,6 +273,7 @@ class Pipeline:
         outside: Mapping[str, ShardingRecord],
         opaque: Mapping[str, str],
         diff: list[PassDiff],
+        plan: ShardPlan | None = None,
         notes: tuple[str, ...] = (),
     ) -> ModelSharding:
         """Leave the ``ModelSharding`` on ``root.meta["sharding"]``: every layer's record, one home."""
@@ -248,8 +283,10 @@ class Pipeline:
             for target, record in recorded_layers(gm):
                 layers.setdefault(f"{prefix}.{target}" if prefix else target, record)
         layers.update(outside)
+        _check_tied(root, layers)
         summary = ModelSharding(
-            self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside), notes
+            self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside),
+            plan=plan.to_dict() if plan is not None else None, fused=self.fused, notes=notes,
         )
         if not hasattr(root, "meta"):
             root.meta = {}
@@ -273,9 +310,44 @@ class Pipeline:
         if shard_plan.auto and undecided:
             found.update(_infer_outside(model, undecided, captured.opaque, args, kwargs, self.ways))
         records = shard_plan.resolve(layers, self.mesh_shape, self.tp_axis, found, model_plan)
+        _warn_if_nothing_planned(model, records)
         for path in outside:  # no pass sees these layers: their heads are fitted here, before any rewrite
             records[path] = _fit_outside(root, path, records[path], self.mesh_shape)
         return records, outside
+
+    def _keep_transformed(self, model: nn.Module, done: ModelSharding, plan: ShardPlan | Mapping | str | None) -> nn.Module:
+        """A copy of ``model``, which this pipeline already rewrote, with its records, if this call asks for the same.
+
+        Rewriting it again would plan its split parts anew (a fused layer's checkpoint keys would become one per
+        part, its records would be replaced); so a second ``transform`` is a no-op, and ``shard(transform(m), mesh)``
+        places the transformed model as it is. Asking for another mesh, axis, strategy or plan is an error:
+        those need the original model. ``plan=None`` keeps the model's plan; example inputs are not needed.
+        """
+        name = type(model).__name__
+        on_device = next((p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")), None)
+        if on_device is not None:
+            raise FxShardError(
+                f"{name} is already sharded on {on_device} (fx_shard.shard's result): use it as it is; "
+                "to shard for another mesh or plan, shard the original model"
+            )
+        asked = []
+        if self.mesh_shape != dict(done.mesh_shape):
+            asked.append(f"mesh_shape={self.mesh_shape}")
+        if self._asked["tp_axis"] is not None and self.tp_axis != done.tp_axis:
+            asked.append(f"tp_axis={self.tp_axis!r} (it has {done.tp_axis!r})")
+        if self._asked["fused"] is not None and self.fused != done.fused:
+            asked.append(f"fused={self.fused!r} (it has {done.fused!r})")
+        if plan is not None and not _same_plan(ShardPlan.coerce(plan), done.plan):
+            asked.append(f"another plan than its own ({done.plan})")
+        if asked:
+            raise PlanError(
+                f"{name} was already transformed by fx_shard for mesh {dict(done.mesh_shape)} (root.meta['sharding']), "
+                f"but this call asks for {'; '.join(asked)}; transform the original model for that, or call with "
+                "plan=None and the same mesh to keep this one as it is"
+            )
+        logger.info("fx_shard: %s was already transformed for mesh %s; kept as it is", name, dict(done.mesh_shape))
+        with self._phase("copy"):
+            return copy.deepcopy(model)
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -284,6 +356,12 @@ class Pipeline:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _same_plan(plan: ShardPlan, data: Mapping | None) -> bool:
+    """Whether ``plan`` is the plan ``data`` (``ShardPlan.to_dict()``) describes, entries in the same order."""
+    ours = plan.to_dict()
+    return data is not None and ours == data and list(ours["entries"]) == list(data["entries"])
 
 
 def _on_meta(root: nn.Module) -> bool:
@@ -305,7 +383,8 @@ def _infer_outside(
     model: nn.Module, paths: list[str], opaque: Mapping[str, str], args: tuple | None, kwargs: Mapping | None, ways: int
 ) -> dict[str, Decision]:
     """Inferred decisions for layers outside every graph, from the graph ``torch.export`` captures."""
-    if args is None and not kwargs:
+    dummy = args is None and not kwargs
+    if dummy:
         kwargs = getattr(model, "dummy_inputs", None)
         if not isinstance(kwargs, Mapping):
             where = ", ".join(sorted(opaque)[:3])
@@ -316,10 +395,61 @@ def _infer_outside(
     try:
         found = infer_from_export(model, tuple(args or ()), dict(kwargs or {}), ways)
     except Exception as e:  # the layers stay replicated, and the report says why
-        why = f"inferred: replicated, torch.export could not capture {type(model).__name__} either ({type(e).__name__})"
-        logger.info("%s: %s", why, e)
+        message = next((line.strip() for line in str(e).splitlines() if line.strip()), "no message")
+        message = message if len(message) <= 160 else message[:157] + "..."
+        why = (
+            f"inferred: replicated, torch.export could not capture {type(model).__name__} either "
+            f"({type(e).__name__}: {message})"
+        )
+        if dummy:
+            why += "; it ran on the model's dummy_inputs: pass the example_kwargs= the model runs with"
+        logger.info("%s", why)
         return {p: inferred(Replicate.name, why) for p in paths}
     return {p: d for p, d in found.items() if p in paths}
+
+
+def _warn_if_nothing_planned(model: nn.Module, records: Mapping[str, ShardingRecord]) -> None:
+    """Warn when no rule covered any layer: the model would run replicated, which is rarely what was meant."""
+    if not records or any(r.source_kind is not SourceKind.DEFAULT for r in records.values()):
+        return
+    names = list(records)
+    warnings.warn(
+        f"fx_shard: no rule covered any of the {len(names)} linear-like layers of {type(model).__name__} "
+        f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), so nothing is sharded; pass plan='auto' to infer "
+        "a plan from the graph, or a plan naming the layers, e.g. {'*.q_proj': 'colwise', '*.o_proj': 'rowwise'}",
+        UserWarning,
+        stacklevel=_caller_outside_fx_shard(),
+    )
+
+
+def _caller_outside_fx_shard() -> int:
+    """The ``stacklevel`` of the first caller outside fx_shard, so a warning points at the user's line."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_tied(root: nn.Module, layers: Mapping[str, ShardingRecord]) -> None:
+    """A parameter shared by several layers (tied weights) must be sharded alike by each layer's record.
+
+    Otherwise one record would decide for both, and the other layer's record (and the report) would be wrong.
+    """
+    seen: dict[int, tuple[str, str, Spec | None, ShardingRecord]] = {}
+    for path, record in layers.items():
+        for name, param in root.get_submodule(path).named_parameters(recurse=False):
+            spec = record.specs.get(name)
+            first = seen.setdefault(id(param), (path, name, spec, record))
+            if first[2] == spec:
+                continue
+            how = lambda s: f"shards it {s}" if s is not None else "replicates it"  # noqa: E731
+            raise PlanError(
+                f"{first[0]}.{first[1]} and {path}.{name} are one tensor (tied weights), but {first[0]} "
+                f"({first[3].style}, {first[3].source}) {how(first[2])} and {path} ({record.style}, {record.source}) "
+                f"{how(spec)}; give both layers styles that shard it alike: 'vocab' on the embedding with "
+                "'lm_head' on the head, or 'replicate' on both"
+            )
 
 
 def _fit_outside(root: nn.Module, path: str, record: ShardingRecord, mesh_shape: Mapping[str, int]) -> ShardingRecord:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import logging
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from fx_shard.errors import PlanError
 from fx_shard.sharding import ShardingRecord, SourceKind
 from fx_shard.styles import LayerPlan, Replicate
 
-__all__ = ["Decision", "ShardPlan", "decide", "first_match", "resolve_tp_axis"]
+__all__ = ["Decision", "ShardPlan", "check_mesh_shape", "decide", "first_match", "resolve_tp_axis"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class ShardPlan:
     def __init__(
         self, entries: Mapping[str, str | Mapping | LayerPlan] | None = None, *, class_rules: bool = True, auto: bool = False
     ) -> None:
+        if entries is not None and not isinstance(entries, Mapping):
+            raise PlanError(
+                f"plan entries {entries!r} are not a mapping; give a dict of module-name pattern to style, "
+                "e.g. {'*.q_proj': 'colwise'}"
+            )
         self.entries: dict[str, LayerPlan] = {}
         self.class_rules = class_rules
         self.auto = auto
@@ -84,6 +90,11 @@ class ShardPlan:
 
     def set_module_name(self, pattern: str, layer: str | Mapping | LayerPlan) -> ShardPlan:
         """Add (or replace) the entry for ``pattern``; returns self for chaining."""
+        if not isinstance(pattern, str):
+            raise PlanError(
+                f"plan key {pattern!r} ({type(pattern).__name__}) is not a module name; keys are module paths "
+                f"as strings, globs or 're:' regexes (the first layer of an nn.Sequential is {str(pattern)!r})"
+            )
         if pattern.startswith("re:"):
             try:
                 re.compile(pattern[3:])
@@ -98,6 +109,16 @@ class ShardPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> ShardPlan:
+        """The plan ``to_dict`` gave: ``{"entries": {...}, "class_rules": bool, "auto": bool}``."""
+        fields = {"entries": Mapping, "class_rules": bool, "auto": bool}
+        if not isinstance(data, Mapping) or set(data) - set(fields):
+            raise PlanError(
+                f"ShardPlan.from_dict takes what ShardPlan.to_dict() gives, a dict with keys {', '.join(fields)}; "
+                f"got {data!r} (for a dict of module-name pattern to style, use ShardPlan(entries))"
+            )
+        for key, kind in fields.items():
+            if key in data and not isinstance(data[key], kind):
+                raise PlanError(f"ShardPlan.from_dict: {key!r} is {data[key]!r}, not a {kind.__name__}")
         return cls(data.get("entries", {}), class_rules=data.get("class_rules", True), auto=data.get("auto", False))
 
     def __repr__(self) -> str:
@@ -183,6 +204,7 @@ def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: Axis | None = None) 
     ``make_mesh(kv=)``); else the only axis larger than 1; else one named
     ``tp``, ``model`` or ``x``.
     """
+    mesh_shape = check_mesh_shape(mesh_shape)
     names = list(mesh_shape)
     if tp_axis is not None:
         missing = [a for a in axis_names(tp_axis) if a not in mesh_shape]
@@ -204,12 +226,34 @@ def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: Axis | None = None) 
     )
 
 
+def check_mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
+    """``mesh_shape`` as ``{axis name: size}``, or a ``PlanError`` saying what is wrong with it."""
+    example = "e.g. mesh_shape={'tp': 4}, or fx_shard.xla.mesh_shape_of(mesh) for a mesh"
+    if not isinstance(mesh_shape, Mapping):
+        raise PlanError(f"mesh_shape={mesh_shape!r} is not a mapping of mesh axis name to size; pass one, {example}")
+    if not mesh_shape:
+        raise PlanError(f"mesh_shape={{}} has no axes; give each mesh axis its number of devices, {example}")
+    for name, size in mesh_shape.items():
+        if not isinstance(name, str):
+            raise PlanError(f"mesh_shape key {name!r} is not an axis name; name the axes with strings, {example}")
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+            raise PlanError(
+                f"mesh axis {name!r} has size {size!r}; each axis needs a whole number of devices, at least 1 "
+                f"(an axis of 1 replicates), {example}"
+            )
+    return {name: int(size) for name, size in mesh_shape.items()}
+
+
 def _record(name: str, module: nn.Module, decision: Decision, ways: int, axis: Axis) -> ShardingRecord:
     layer = decision.layer
     weight = getattr(module, "weight", None)
     if weight is None or weight.dim() != 2:
         raise PlanError(f"{name} ({type(module).__name__}) has no 2-D weight; it cannot take style {layer.style!r}")
     style = styles.get(layer.style)
+    if decision.kind is SourceKind.PLAN_ENTRY and layer.output_sizes is None and layer.num_heads is None:
+        unsized = style.unsized(name, module)
+        if unsized is not None:
+            raise PlanError(f"{unsized} ({decision.reason})")
     sizes = style.check(name, module, layer, ways, axis)
     return ShardingRecord(
         layer.style, style.param_specs(module, axis), decision.reason, sizes,

@@ -31,6 +31,7 @@ __all__ = [
     "narrowed",
     "recorded_layers",
     "sharding_of",
+    "transformed",
 ]
 
 SHARDING_KEY = "sharding"
@@ -117,9 +118,11 @@ class ModelSharding:
     the layers planned as modules outside any graph, whose paths are in
     ``outside``. ``opaque`` names the modules that did not trace, with the
     reason; ``diff`` has what each pass changed in each graph (the raw
-    material of the report's graph diff). ``notes`` say which of the model's
-    own code fx_shard kept where it could not be sure a replacement computes
-    the same (e.g. a Hugging Face model's attention), and why.
+    material of the report's graph diff); ``plan`` and ``fused`` say what was
+    asked for, so a second ``transform`` can tell whether it asks for the same.
+    ``notes`` say which of the model's own code fx_shard kept where it could
+    not be sure a replacement computes the same (e.g. a Hugging Face model's
+    attention), and why.
     """
 
     mesh_shape: Mapping[str, int]
@@ -130,6 +133,9 @@ class ModelSharding:
     diff: tuple[PassDiff, ...] = ()
     outside: frozenset[str] = frozenset()
     notes: tuple[str, ...] = ()
+    #: The plan the model was transformed with (``ShardPlan.to_dict()``), and the fused-layer strategy.
+    plan: Mapping | None = None
+    fused: str = "split"
 
 
 def sharding_of(node: fx.Node) -> ShardingRecord | None:
@@ -149,6 +155,13 @@ def narrowed(record: ShardingRecord, axes: tuple[str, ...], note: str, **changes
 def model_sharding(root: torch.nn.Module) -> ModelSharding:
     """The ``ModelSharding`` fx_shard left on a rewritten model (``root.meta["sharding"]``)."""
     return root.meta[SHARDING_KEY]
+
+
+def transformed(root: torch.nn.Module) -> ModelSharding | None:
+    """The ``ModelSharding`` of a model fx_shard rewrote (``transform`` / ``shard``), or None for any other module."""
+    meta = getattr(root, "meta", None)
+    summary = meta.get(SHARDING_KEY) if isinstance(meta, Mapping) else None
+    return summary if isinstance(summary, ModelSharding) else None
 
 
 def recorded_layers(gm: fx.GraphModule) -> Iterator[tuple[str, ShardingRecord]]:

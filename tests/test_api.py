@@ -113,3 +113,34 @@ def test_capture_error_names_the_model():
 
     with pytest.raises(CaptureError, match=r"torch.fx could not trace Branchy: TraceError"):
         capture(Branchy())
+
+
+@pytest.mark.parametrize("name", ["llama-vllm", "gpt2"])
+def test_transform_of_a_transformed_model_keeps_it(name):
+    model, inputs = models.build(name), models.example_inputs(name)
+    gm = fx_shard.transform(model, PLANS[name], mesh_shape={"tp": 4}, example_inputs=inputs)
+    for plan in (None, PLANS[name]):
+        again = fx_shard.transform(gm, plan, mesh_shape={"tp": 4})
+        assert again is not gm and isinstance(again, torch.fx.GraphModule)
+        # Not rewritten again: the same records, and fused layers still save fused (the checkpoint's keys).
+        assert again.meta[SHARDING_KEY].layers == gm.meta[SHARDING_KEY].layers
+        assert list(again.state_dict()) == list(gm.state_dict()) == list(model.state_dict())
+        assert again.code == gm.code
+        torch.testing.assert_close(again(*inputs), model(*inputs))
+    assert gm.meta[SHARDING_KEY].plan == fx_shard.ShardPlan(PLANS[name]).to_dict()
+
+
+def test_transform_of_a_transformed_model_refuses_another_mesh_or_plan():
+    gm = fx_shard.transform(models.build("llama-vllm", device="meta"), mesh_shape={"tp": 4})
+    for kwargs, asked in [
+        ({"mesh_shape": {"tp": 2}}, r"mesh_shape=\{'tp': 2\}"),
+        ({"mesh_shape": {"tp": 4}, "fused": "interleave"}, r"fused='interleave' \(it has 'split'\)"),
+        ({"mesh_shape": {"tp": 4}, "plan": "auto"}, r"another plan than its own \(\{'entries': \{\}, 'class_rules': True, 'auto': False\}\)"),
+    ]:
+        with pytest.raises(fx_shard.PlanError, match=(
+            r"VllmLlamaForCausalLM was already transformed by fx_shard for mesh \{'tp': 4\} \(root.meta\['sharding'\]\), "
+            rf"but this call asks for {asked}; transform the original model for that, or call with plan=None"
+        )):
+            fx_shard.transform(gm, **kwargs)
+    with pytest.raises(fx_shard.FxShardError, match=r"already rewritten by fx_shard.transform / shard .* backend='openxla'"):
+        fx_shard.Pipeline({"tp": 4}).transform_captured(None, gm, None, capture=None)

@@ -216,3 +216,19 @@ def test_each_graph_of_a_graph_break_gets_the_plan_entries_for_its_layers():
     torch.testing.assert_close(out, model(x))
     assert [records(gm) for gm in graphs] == [{"up": ("colwise", {"weight": ("tp", None), "bias": ("tp",)})},
                                               {"down": ("rowwise", {"weight": (None, "tp")})}]
+
+
+def test_backend_refuses_a_model_and_inputs_on_the_cpu():
+    # Dynamo traces before it calls a backend: with the model on the CPU and inputs on XLA its own tracing fails
+    # first (docs/usage.md says so); with both on the CPU the backend is reached and says what to do.
+    from types import SimpleNamespace
+
+    torch._dynamo.reset()
+    backend = ShardingBackend(SimpleNamespace(axis_names=("tp",), mesh_shape=(4,)))
+    compiled = torch.compile(models.build("gpt2"), backend=backend)
+    with pytest.raises(Exception, match=(
+        r"FxShardError: fx_shard.backend compiles for the XLA device, but the graph's inputs \(the model's parameters "
+        r"and the call's tensors\) are on cpu; move the model and its inputs to fx_shard.xla_device\(\)"
+    )):
+        compiled(*models.example_inputs("gpt2"))
+    assert backend.graphs == []

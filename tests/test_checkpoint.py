@@ -15,6 +15,7 @@ from fx_shard import models
 from fx_shard.checkpoint import _device_pieces, _Location, _Reader, _split_parts, _unsaved_buffers, shard_indices
 from fx_shard.errors import FxShardError
 from fx_shard.models.plans import PLANS
+from tests.toy import QKV_32
 
 
 def transformed(name, seed=0, device=None):
@@ -138,7 +139,81 @@ def test_conv1d_parts_sit_along_the_fused_columns():
             return q * k + v
 
     inputs = (torch.randn(1, 5, 32),)
-    gm = fx_shard.transform(Attention(), {"c_attn": "qkv"}, mesh_shape={"tp": 4}, example_inputs=inputs)
+    gm = fx_shard.transform(Attention(), {"c_attn": QKV_32}, mesh_shape={"tp": 4}, example_inputs=inputs)
     parts = _split_parts(gm)
     assert parts["c_attn.k.weight"] == _Location("c_attn.k.weight", "c_attn.weight", (32, 96), 1, 32, 32)
     assert parts["c_attn.v.bias"] == _Location("c_attn.v.bias", "c_attn.bias", (96,), 0, 64, 32)
+
+
+# What load_sharded refuses is refused before it starts an XLA runtime, so these run on the CPU with a mesh stand-in.
+MESH4 = fake_mesh(range(4), (4,), ("tp",))
+
+
+def meta_gpt2():
+    meta = models.build("gpt2", device="meta")
+    return meta, fx_shard.transform(meta, PLANS["gpt2"], mesh_shape={"tp": 4})
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_load_sharded_refuses_a_dtype_that_is_not_a_cast(dtype):
+    meta, gm = meta_gpt2()
+    state = {k: v.to(dtype) if k == "transformer.h.0.mlp.c_fc.weight" else v for k, v in models.build("gpt2").state_dict().items()}
+    with pytest.raises(FxShardError, match=(
+        rf"checkpoint tensor 'transformer.h.0.mlp.c_fc.weight' is {dtype}, but transformer.h.0.mlp.c_fc.weight is "
+        rf"torch.float32; load a checkpoint of this model .* or convert that tensor first \(tensor.to\(torch.float32\)"
+    )):
+        fx_shard.load_sharded(gm, state, MESH4, model=meta)
+    assert all(p.is_meta for p in gm.parameters()), "nothing was written"
+
+
+def test_load_sharded_refuses_different_values_under_tied_keys():
+    meta, gm = meta_gpt2()
+    state = models.build("gpt2").state_dict()
+    state["lm_head.weight"] = state["lm_head.weight"].clone() + 1  # an untied checkpoint
+    with pytest.raises(FxShardError, match=(
+        r"the checkpoint holds different values at 'transformer.wte.weight' and 'lm_head.weight', but the model ties "
+        r"transformer.wte.weight and lm_head.weight \(one tensor\); load a checkpoint of a tied model"
+    )):
+        fx_shard.load_sharded(gm, state, MESH4, model=meta)
+
+
+def test_tied_keys_saved_twice_are_compared_block_by_block(tmp_path):
+    from safetensors.torch import save_file
+
+    state = models.build("gpt2").state_dict()
+    save_file({k: v.clone().contiguous() for k, v in state.items()}, str(tmp_path / "both.safetensors"))
+    with ExitStack() as stack:
+        reader = _Reader(stack, tmp_path / "both.safetensors")
+        assert reader.same("transformer.wte.weight", "lm_head.weight")
+        assert not reader.same("transformer.wte.weight", "transformer.wpe.weight")  # another shape
+        assert reader.dtypes["transformer.wte.weight"] == torch.float32
+
+
+def test_a_missing_key_that_would_stay_on_meta_does_not_suggest_strict_false():
+    meta, gm = meta_gpt2()
+    state = {k: v for k, v in models.build("gpt2").state_dict().items() if k != "transformer.h.0.mlp.c_fc.weight"}
+    with pytest.raises(FxShardError) as error:
+        fx_shard.load_sharded(gm, state, MESH4, model=meta, strict=False)
+    assert str(error.value) == (
+        "the checkpoint does not match the model:\n"
+        "missing keys (1): transformer.h.0.mlp.c_fc.weight\n"
+        "these would stay on meta: transformer.h.0.mlp.c_fc.weight\n"
+        "load a checkpoint of this model that holds them (original keys; fused QKV as saved)"
+    )
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_load_sharded_says_a_torch_save_file_is_not_safetensors(zipped, tmp_path):
+    meta, gm = meta_gpt2()
+    path = tmp_path / "model.safetensors"
+    torch.save(models.build("gpt2").state_dict(), path, _use_new_zipfile_serialization=zipped)
+    what = "a zip archive, as torch.save writes" if zipped else "a pickle file, as torch.save writes"
+    with pytest.raises(FxShardError, match=(
+        rf"model.safetensors is not a safetensors file \({what}.*\); convert it once with "
+        r"safetensors.torch.save_file\(torch.load\(.*, weights_only=True\), 'model.safetensors'\) .*"
+        r"or pass the state_dict itself"
+    )):
+        fx_shard.load_sharded(gm, path, MESH4, model=meta)
+    path.rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FxShardError, match=r"no \*.safetensors file in .* \(it has pytorch_model.bin: convert with safetensors.torch.save_file"):
+        fx_shard.load_sharded(gm, tmp_path, MESH4, model=meta)

@@ -1,6 +1,7 @@
 """Bad input: each error names the module, the value found and a way out."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import fx_shard
 from fx_shard import FxShardError, PlanError, models
 from fx_shard.layers import QKVParallelLinear
 from fx_shard.models.plans import PLANS
-from tests.toy import GQAttention, seeded
+from tests.toy import FusedAttention, GQAttention, seeded
 
 
 def test_heads_not_divisible_in_an_explicit_plan():
@@ -70,3 +71,118 @@ def test_torch_xla_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_xla", None)
     with pytest.raises(FxShardError, match=r"materializing on an XLA device needs torch_xla; install it with `pip install torch==2.9.0 torch_xla==2.9.0`"):
         _torch_xla()
+
+
+@pytest.mark.parametrize(("mesh_shape", "message"), [
+    ({}, r"mesh_shape=\{\} has no axes; give each mesh axis its number of devices, e.g. mesh_shape=\{'tp': 4\}"),
+    ({"tp": 0}, r"mesh axis 'tp' has size 0; each axis needs a whole number of devices, at least 1"),
+    ({"tp": 2.5}, r"mesh axis 'tp' has size 2.5; each axis needs a whole number of devices"),
+    ({0: 4}, r"mesh_shape key 0 is not an axis name; name the axes with strings"),
+    ((4,), r"mesh_shape=\(4,\) is not a mapping of mesh axis name to size"),
+], ids=["empty", "zero", "fraction", "int_axis", "tuple"])
+def test_mesh_shape_that_is_not_a_mesh(mesh_shape, message):
+    with pytest.raises(PlanError, match=message):
+        fx_shard.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh_shape=mesh_shape)
+
+
+def test_plan_key_that_is_not_a_module_name():
+    with pytest.raises(PlanError, match=r"plan key 0 \(int\) is not a module name; .* nn.Sequential is '0'"):
+        fx_shard.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), {0: "colwise"}, mesh_shape={"tp": 2})
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"output_sizes": 5}, r"output_sizes=5 is not a list of part sizes .* e.g. \[64, 16, 16\]"),
+    ({"output_sizes": "64,16,16"}, r"output_sizes='64,16,16' is not a list of part sizes"),
+    ({"output_sizes": [32, "16", 16]}, r"output_sizes=\[32, '16', 16\] is not a list of part sizes"),
+    ({"num_heads": "8"}, r"num_heads='8' is not a number of heads; give a whole number, at least 1"),
+    ({"num_heads": 0}, r"num_heads=0 is not a number of heads"),
+    ({"num_kv_heads": 2}, r"num_kv_heads=2 needs num_heads \(the number of q heads\) too"),
+    ({"gather_output": "no"}, r"gather_output='no' is not True or False"),
+], ids=["sizes_int", "sizes_str", "sizes_mixed", "heads_str", "heads_zero", "kv_without_heads", "gather_str"])
+def test_layer_plan_fields_of_the_wrong_type(fields, message):
+    with pytest.raises(PlanError, match=r"plan entry 'attn.qkv': " + message):
+        fx_shard.ShardPlan({"attn.qkv": {"style": "qkv", **fields}})
+
+
+@pytest.mark.parametrize("data", [None, {"attn.qkv": "qkv"}, {"entries": ["qkv"]}, {"entries": {}, "auto": "yes"}])
+def test_plan_from_dict_of_something_else(data):
+    with pytest.raises(PlanError, match=r"ShardPlan.from_dict"):
+        fx_shard.ShardPlan.from_dict(data)
+    plan = fx_shard.ShardPlan({"*.q": "colwise"}, auto=True)
+    assert fx_shard.ShardPlan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+
+
+def test_fused_style_on_a_plain_layer_needs_its_sizes():
+    model, x = seeded(FusedAttention), torch.randn(2, 5, 32)
+    with pytest.raises(PlanError, match=(
+        r"qkv \(Linear, 96 output features\) is planned 'qkv', but nothing says how its output splits into parts: .* "
+        r"e.g. \{'style': 'qkv', 'num_heads': H, 'num_kv_heads': KV\} or \{'style': 'qkv', 'output_sizes': \[32, 32, 32\]\} "
+        r"for 3 equal parts \(plan entry 'qkv'\)"
+    )):
+        fx_shard.transform(model, {"qkv": "qkv", "proj": "rowwise"}, mesh_shape={"tp": 4}, example_inputs=(x,))
+    gate_up = torch.nn.Sequential(torch.nn.Linear(8, 32))
+    with pytest.raises(PlanError, match=r"e.g. \{'style': 'merged_colwise', 'output_sizes': \[16, 16\]\} for 2 equal parts"):
+        fx_shard.transform(gate_up, {"0": "merged_colwise"}, mesh_shape={"tp": 4})
+    # Said in the entry, or by the layer itself (vLLM's output_sizes), or found by plan="auto": no error.
+    for plan in ({"qkv": {"style": "qkv", "num_heads": 4}}, {"qkv": {"style": "qkv", "output_sizes": [32, 32, 32]}}, "auto"):
+        gm = fx_shard.transform(model, plan, mesh_shape={"tp": 4}, example_inputs=(x,))
+        assert gm.meta["sharding"].layers["qkv.k"].specs == {"weight": ("tp", None), "bias": ("tp",)}
+    fx_shard.transform(torch.nn.Sequential(QKVParallelLinear(32, 8, 4, 2)), {"0": "qkv"}, mesh_shape={"tp": 2})
+
+
+def test_fused_options_on_a_style_that_does_not_take_them():
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 32))
+    with pytest.raises(PlanError, match=r"0: output_sizes applies to fused styles \(qkv and merged_colwise\), not 'colwise'; remove it"):
+        fx_shard.transform(layer, {"0": {"style": "colwise", "output_sizes": [16, 16]}}, mesh_shape={"tp": 4})
+    with pytest.raises(PlanError, match=r"0: num_heads / num_kv_heads apply to style qkv, not 'merged_colwise'; remove them \(give output_sizes"):
+        fx_shard.transform(layer, {"0": {"style": "merged_colwise", "num_heads": 4}}, mesh_shape={"tp": 4})
+
+
+@pytest.mark.parametrize("wte", ["replicate", None])
+def test_tied_weight_sharded_by_one_layer_and_replicated_by_the_other(wte):
+    plan = {k: v for k, v in PLANS["gpt2"].items() if k != "transformer.wte"}
+    if wte is not None:
+        plan["transformer.wte"] = wte
+    how = "plan entry 'transformer.wte'" if wte else "no rule covers it"
+    with pytest.raises(PlanError, match=(
+        rf"transformer.wte.weight and lm_head.weight are one tensor \(tied weights\), but transformer.wte \(replicate, {how}\) "
+        r"replicates it and lm_head \(lm_head, plan entry 'lm_head'\) shards it \('tp', None\); give both layers styles "
+        r"that shard it alike: 'vocab' on the embedding with 'lm_head' on the head, or 'replicate' on both"
+    )):
+        fx_shard.transform(models.build("gpt2", device="meta"), plan, mesh_shape={"tp": 2})
+    plan["transformer.wte"], plan["lm_head"] = "replicate", "replicate"
+    fx_shard.transform(models.build("gpt2", device="meta"), plan, mesh_shape={"tp": 2})
+
+
+def test_no_rule_covering_any_layer_warns():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=(
+        r"no rule covered any of the 2 linear-like layers of Sequential \(0, 2\), so nothing is sharded; "
+        r"pass plan='auto' to infer a plan from the graph, or a plan naming the layers"
+    )) as caught:
+        fx_shard.transform(model, mesh_shape={"tp": 2})
+    assert caught[0].filename == __file__, "the warning points at the caller's line"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fx_shard.transform(model, {"0": "colwise"}, mesh_shape={"tp": 2})  # one layer planned: no warning
+
+
+def test_load_sharded_into_a_module_fx_shard_did_not_transform():
+    with pytest.raises(FxShardError, match=(
+        r"Linear was not rewritten by fx_shard \(no ModelSharding in .meta\['sharding'\]\); load into the result of "
+        r"fx_shard.transform\(model, plan, mesh_shape=...\) or fx_shard.shard, or use load_state_dict"
+    )):
+        fx_shard.load_sharded(torch.nn.Linear(4, 4), {}, mesh=None)
+
+
+def test_shard_model_on_a_model_still_on_the_cpu():
+    from types import SimpleNamespace
+
+    mesh = SimpleNamespace(axis_names=("tp",), mesh_shape=(2,))  # what shard_model reads before any XLA call
+    model = models.build("llama-vllm")
+    with pytest.raises(FxShardError, match=(
+        r"VllmLlamaForCausalLM.model.embed_tokens.weight is on cpu; shard_model shards in place a model already on the "
+        r"XLA device, as vLLM's does: move it first with model.to\(fx_shard.xla_device\(\)\), or use fx_shard.shard"
+    )):
+        fx_shard.shard_model(model, mesh)
+    assert not any(type(m).__name__ == "SplitLinear" for m in model.modules()), "nothing was changed"

@@ -136,4 +136,18 @@ def test_layers_export_cannot_capture_either_stay_replicated_with_the_reason():
     root = fx_shard.transform(Branchy(), "auto", mesh_shape={"tp": 2}, example_inputs=(torch.randn(4, 8),))
     layers = root.meta[SHARDING_KEY].layers
     assert {layers[p].style for p in ("up", "down")} == {"replicate"}
-    assert layers["up"].source.startswith("inferred: replicated, torch.export could not capture Branchy either (")
+    # The exception's own first line, so the report says why (not just its class).
+    assert layers["up"].source.startswith(
+        "inferred: replicated, torch.export could not capture Branchy either "
+        "(GuardOnDataDependentSymNode: Could not guard on data-dependent expression"
+    )
+
+
+def test_auto_on_gpt2_without_inputs_says_why_export_failed():
+    from tests.hf_models import build_hf
+
+    root = fx_shard.transform(build_hf("gpt2"), "auto", mesh_shape={"tp": 4})  # export runs on its dummy_inputs
+    source = root.meta[SHARDING_KEY].layers["transformer.h.0.attn.c_attn"].source
+    assert "torch.export could not capture GPT2LMHeadModel either (RuntimeError: Found <class 'transformers.cache_utils.DynamicCache'> in output" in source
+    assert source.endswith("; it ran on the model's dummy_inputs: pass the example_kwargs= the model runs with")
+    assert "(RuntimeError: Found <class" in fx_shard.report(root)

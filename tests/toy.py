@@ -6,6 +6,9 @@ from torch import nn
 
 from fx_shard.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
+# The plan entry of the toys' fused q/k/v (32 features each): a plain layer's plan says how it splits.
+QKV_32 = {"style": "qkv", "output_sizes": [32, 32, 32]}
+
 
 class FusedAttention(nn.Module):
     """A GPT-2-like attention core with a fused nn.Linear qkv split three ways."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["PLANS"]
 
-PLANS: dict[str, dict[str, str]] = {
+PLANS: dict[str, dict[str, str | dict]] = {
     "llama": {
         "model.embed_tokens": "vocab",
         "*.self_attn.q_proj": "colwise",
@@ -21,14 +21,14 @@ PLANS: dict[str, dict[str, str]] = {
     "gpt2": {
         "transformer.wte": "vocab",
         "transformer.wpe": "replicate",
-        "*.attn.c_attn": "qkv",
+        "*.attn.c_attn": {"style": "qkv", "num_heads": 8},  # a Conv1D: the plan says how it splits
         "*.attn.c_proj": "rowwise",
         "*.mlp.c_fc": "colwise",
         "*.mlp.c_proj": "rowwise",
         "lm_head": "lm_head",
     },
     "vit": {
-        "*.attn.qkv": "qkv",
+        "*.attn.qkv": {"style": "qkv", "num_heads": 8},  # an nn.Linear: the plan says how it splits
         "*.attn.proj": "rowwise",
         "*.mlp.fc1": "colwise",
         "*.mlp.fc2": "rowwise",

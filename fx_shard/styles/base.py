@@ -16,7 +16,8 @@ A new style is one subclass with a ``name``; defining it registers it::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -48,6 +49,8 @@ class Style:
     for_embeddings: ClassVar[bool] = False
     for_linears: ClassVar[bool] = True
     may_gather_output: ClassVar[bool] = False
+    #: A fused style whose sizes a plan may give as head counts (``num_heads``, ``num_kv_heads``): q, k, v.
+    head_counts: ClassVar[bool] = False
     #: Collectives one call of a layer sharded this way needs (the report's prediction).
     collectives_per_call: ClassVar[Mapping[str, int]] = {}
     #: vLLM layer class names this style stands for (a subclass of one counts too).
@@ -99,6 +102,15 @@ class Style:
         if layer.gather_output and not self.may_gather_output:
             allowed = " and ".join(s.name for s in registered() if s.may_gather_output)
             raise PlanError(f"{where}: gather_output applies to styles {allowed}, not {self.name!r}")
+        if layer.output_sizes is not None and not self.fused:
+            fused = " and ".join(s.name for s in registered() if s.fused)
+            raise PlanError(f"{where}: output_sizes applies to fused styles ({fused}), not {self.name!r}; remove it")
+        if layer.num_heads is not None and not self.head_counts:
+            heads = " and ".join(s.name for s in registered() if s.head_counts)
+            raise PlanError(
+                f"{where}: num_heads / num_kv_heads apply to style {heads}, not {self.name!r}; remove them"
+                + (" (give output_sizes for this fused style)" if self.fused else "")
+            )
         if self.shards == "input":
             _check_divides(where, "input features", in_features(module), ways, axis)
         elif self.shards == "output":
@@ -142,6 +154,29 @@ class Style:
             )
         return tuple(sizes)
 
+    def unsized(self, where: str, module: nn.Module) -> str | None:
+        """The error for a plan entry of this fused style on ``module`` when nothing says how its output splits.
+
+        None when the layer carries its own ``output_sizes`` (vLLM's layers).
+        Equal parts would be a guess: right for multi-head attention, wrong for
+        grouped-query attention or a head-interleaved layout; the plan says which.
+        """
+        if not self.fused or len(tuple(getattr(module, "output_sizes", ()) or ())) > 1:
+            return None
+        features = out_features(module)
+        equal = [features // self.parts] * self.parts if features % self.parts == 0 else None
+        ways = "output_sizes or num_heads (and num_kv_heads)" if self.head_counts else "output_sizes"
+        examples = []
+        if self.head_counts:
+            examples.append(f"{{'style': {self.name!r}, 'num_heads': H, 'num_kv_heads': KV}}")
+        if equal:
+            examples.append(f"{{'style': {self.name!r}, 'output_sizes': {equal}}} for {self.parts} equal parts")
+        return (
+            f"{where} ({type(module).__name__}, {features} output features) is planned {self.name!r}, but nothing says "
+            f"how its output splits into parts: the layer has no output_sizes and the plan entry gives no {ways}; "
+            f"give them in the entry, e.g. {' or '.join(examples) or f'output_sizes adding up to {features}'}"
+        )
+
     def __repr__(self) -> str:
         return f"<style {self.name!r}>"
 
@@ -150,9 +185,11 @@ class Style:
 class LayerPlan:
     """One plan entry's value: a style, and for fused layers how the output splits.
 
-    For ``qkv`` on a layer that does not carry ``output_sizes`` itself, give
-    ``output_sizes`` or ``num_heads`` (and ``num_kv_heads`` for grouped
-    attention); with neither, the output splits in three equal parts.
+    For a fused style (``qkv``, ``merged_colwise``) on a layer that does not
+    carry ``output_sizes`` itself, a plan entry gives ``output_sizes`` or, for
+    ``qkv``, ``num_heads`` (and ``num_kv_heads`` for grouped attention);
+    without them the entry is refused (equal parts would be a guess). Sizes
+    from the model's own plan or from inference need no such entry.
     ``gather_output`` replicates a column-parallel output (e.g. logits) on
     every device; by default it stays sharded (gathered only on ``.cpu()``).
     """
@@ -162,6 +199,31 @@ class LayerPlan:
     num_heads: int | None = None
     num_kv_heads: int | None = None
     gather_output: bool = False
+
+    def __post_init__(self) -> None:
+        """Check each field's type, so a wrong value is refused here and not misread later."""
+        if not isinstance(self.style, str):
+            raise PlanError(f"style {self.style!r} is not a style name; styles: {', '.join(names())}")
+        sizes = self.output_sizes
+        if sizes is not None:
+            if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not all(_is_count(s) for s in sizes):
+                raise PlanError(
+                    f"output_sizes={sizes!r} is not a list of part sizes (whole numbers of output features); "
+                    "give one size per part, e.g. [64, 16, 16] for q, k, v"
+                )
+            object.__setattr__(self, "output_sizes", tuple(int(s) for s in sizes))
+        for field in ("num_heads", "num_kv_heads"):
+            value = getattr(self, field)
+            if value is not None and not _is_count(value):
+                raise PlanError(f"{field}={value!r} is not a number of heads; give a whole number, at least 1 (e.g. 8)")
+            if value is not None:
+                object.__setattr__(self, field, int(value))
+        if self.num_kv_heads is not None and self.num_heads is None:
+            raise PlanError(f"num_kv_heads={self.num_kv_heads} needs num_heads (the number of q heads) too")
+        if not isinstance(self.gather_output, bool):
+            raise PlanError(
+                f"gather_output={self.gather_output!r} is not True or False; give a bool (True replicates the output)"
+            )
 
     @classmethod
     def parse(cls, value: str | Mapping | LayerPlan, entry: str) -> LayerPlan:
@@ -178,9 +240,10 @@ class LayerPlan:
                     "give a style name or a dict with 'style' and optionally "
                     "'output_sizes', 'num_heads', 'num_kv_heads', 'gather_output'"
                 )
-            sizes = value.get("output_sizes")
-            layer = cls(value["style"], tuple(sizes) if sizes is not None else None,
-                        value.get("num_heads"), value.get("num_kv_heads"), bool(value.get("gather_output", False)))
+            try:
+                layer = cls(**value)
+            except PlanError as e:
+                raise PlanError(f"plan entry {entry!r}: {e}") from None
         else:
             raise PlanError(f"plan entry {entry!r}: {value!r} is not a style; styles: {', '.join(names())}")
         if layer.style not in _REGISTRY:
@@ -228,6 +291,11 @@ def for_class(module: nn.Module) -> tuple[Style, str] | None:
         if style is not None:
             return style, cls.__name__
     return None
+
+
+def _is_count(value: object) -> bool:
+    """A whole number of at least 1 (not a bool, not a string)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _is_embedding(module: nn.Module) -> bool:

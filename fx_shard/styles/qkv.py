@@ -7,12 +7,13 @@ class QKV(Style):
     """``[q | k | v]`` along the output features; sharded part by part so every device holds its heads of each.
 
     Sizes come from the plan (``output_sizes`` or head counts), the layer's
-    own ``output_sizes``, or three equal parts.
+    own ``output_sizes``, or, for the model's own plan or inference, three equal parts.
     """
 
     name = "qkv"
     parts = 3
     exact_parts = True
+    head_counts = True
     vllm_classes = ("QKVParallelLinear",)
 
     def part_names(self, count: int) -> tuple[str, ...]:

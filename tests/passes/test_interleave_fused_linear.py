@@ -13,7 +13,7 @@ from fx_shard.passes import AnnotateSharding, InterleaveFusedLinear, RewireFused
 from fx_shard.plan import ShardPlan
 from fx_shard.sharding import Layout, sharding_of
 from tests.passes.helpers import annotated
-from tests.toy import FusedAttention, VllmBlock, seeded
+from tests.toy import QKV_32, FusedAttention, VllmBlock, seeded
 
 
 @pytest.mark.parametrize("name", ["gpt2", "vit", "llama-vllm"])
@@ -49,7 +49,7 @@ def test_interleave_keeps_fused_layers_one_matmul(name):
 
 def test_interleave_fused_attention_reads_each_part_once():
     model, x = seeded(FusedAttention), torch.randn(2, 5, 32)
-    gm = annotated(copy.deepcopy(model), {"qkv": "qkv", "proj": "rowwise"})  # the pass reorders the weights in place
+    gm = annotated(copy.deepcopy(model), {"qkv": QKV_32, "proj": "rowwise"})  # the pass reorders the weights in place
     assert InterleaveFusedLinear({"tp": 4})(gm).modified
     gm.graph.lint()
     torch.testing.assert_close(gm(x), model(x))

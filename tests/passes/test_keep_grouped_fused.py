@@ -7,7 +7,7 @@ from fx_shard.fused import join_parts
 from fx_shard.passes import FitHeadsToMesh, KeepGroupedFused, RewireFusedConsumers, SplitFusedLinear
 from fx_shard.sharding import Layout, sharding_of
 from tests.passes.helpers import annotated, call_targets, grouped_annotated
-from tests.toy import FalconQKV, FusedAttention, GroupedQKV, HeadsAttention, seeded
+from tests.toy import QKV_32, FalconQKV, FusedAttention, GroupedQKV, HeadsAttention, seeded
 
 
 def test_keep_grouped_fused_qkv_when_whole_groups_fit():
@@ -91,7 +91,7 @@ def test_grouped_split_keeps_the_join_for_unknown_consumers():
 
 
 def test_keep_grouped_fused_ignores_contiguous_layouts():
-    gm = annotated(seeded(FusedAttention), {"qkv": "qkv", "proj": "rowwise"})
+    gm = annotated(seeded(FusedAttention), {"qkv": QKV_32, "proj": "rowwise"})
     assert not KeepGroupedFused({"tp": 4})(gm).modified
 
 
@@ -99,7 +99,7 @@ def test_keep_grouped_fused_ignores_contiguous_layouts():
 def test_keep_grouped_fused_leaves_contiguous_qkv_records_and_graph_alone(layout):
     # timm's reshape(B, N, 3, H, hd) also ends in three dims, but its [q | k | v] is not per KV group.
     model, x = seeded(HeadsAttention, layout), torch.randn(2, 6, 32)
-    gm = annotated(model, {"qkv": "qkv", "proj": "rowwise"})
+    gm = annotated(model, {"qkv": QKV_32, "proj": "rowwise"})
     code = gm.code
     before = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module")}
     assert not KeepGroupedFused({"tp": 4})(gm).modified

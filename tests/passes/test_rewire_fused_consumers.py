@@ -7,14 +7,14 @@ from torch.testing import FileCheck
 from fx_shard.passes import RewireFusedConsumers, SplitFusedLinear
 from fx_shard.sharding import sharding_of
 from tests.passes.helpers import annotated, fused_cats, split_for
-from tests.toy import HeadsAttention, VllmBlock, seeded
+from tests.toy import QKV_32, HeadsAttention, VllmBlock, seeded
 
 
 @pytest.mark.parametrize("layout", ["timm", "index", "unbind_axis", "split_int", "split_list", "chunk", "slices"])
 def test_rewire_removes_the_concatenation(layout):
     model = seeded(HeadsAttention, layout)
     x = torch.randn(2, 6, 32)
-    gm = split_for(model, {"qkv": "qkv", "proj": "rowwise"}, (x,))
+    gm = split_for(model, {"qkv": QKV_32, "proj": "rowwise"}, (x,))
     assert len(fused_cats(gm)) == 1
     assert RewireFusedConsumers()(gm).modified
     gm.graph.lint()
@@ -27,7 +27,7 @@ def test_rewire_removes_the_concatenation(layout):
 def test_rewire_keeps_unrecognised_consumers_and_says_so():
     model = seeded(HeadsAttention, "unknown")
     x = torch.randn(2, 6, 32)
-    gm = split_for(model, {"qkv": "qkv", "proj": "rowwise"}, (x,))
+    gm = split_for(model, {"qkv": QKV_32, "proj": "rowwise"}, (x,))
     assert RewireFusedConsumers()(gm).modified  # only the notes
     assert len(fused_cats(gm)) == 1
     torch.testing.assert_close(gm(x), model(x))
@@ -40,7 +40,7 @@ def test_rewire_keeps_unrecognised_consumers_and_says_so():
 def test_rewire_without_shapes_leaves_rank_dependent_splits():
     # split(C, dim=2) is a split of the features only if the tensor is 3-D: unknown without example inputs.
     model = seeded(HeadsAttention, "split_int")
-    gm = annotated(model, {"qkv": "qkv", "proj": "rowwise"})
+    gm = annotated(model, {"qkv": QKV_32, "proj": "rowwise"})
     SplitFusedLinear()(gm)
     RewireFusedConsumers()(gm)
     assert len(fused_cats(gm)) == 1

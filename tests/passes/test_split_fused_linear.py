@@ -11,13 +11,13 @@ from fx_shard.passes import RewireFusedConsumers, SplitFusedLinear
 from fx_shard.sharding import SHARDING_KEY, sharding_of
 from fx_shard.split_linear import SplitLinear
 from tests.passes.helpers import annotated, call_targets, fused_cats, split_for
-from tests.toy import FusedAttention, GPT2Like, VllmBlock, seeded
+from tests.toy import QKV_32, FusedAttention, GPT2Like, VllmBlock, seeded
 
 
 def test_split_fused_nn_linear():
     model = seeded(FusedAttention)
     x = torch.randn(2, 5, 32)
-    gm = annotated(model, {"qkv": "qkv", "proj": "rowwise"})
+    gm = annotated(model, {"qkv": QKV_32, "proj": "rowwise"})
     res = SplitFusedLinear()(gm)
     assert res.modified
     gm.graph.lint()
@@ -107,7 +107,7 @@ def test_split_module_called_twice_is_split_once():
             return self.qkv(x) + self.qkv(2 * x)
 
     model = seeded(Twice)
-    gm = annotated(model, {"qkv": "qkv"})
+    gm = annotated(model, {"qkv": {"style": "qkv", "output_sizes": [8, 8, 8]}})
     SplitFusedLinear()(gm)
     assert call_targets(gm) == ["qkv.q", "qkv.k", "qkv.v"] * 2
     x = torch.randn(4, 8)
@@ -118,7 +118,7 @@ def test_split_module_called_twice_is_split_once():
 def test_split_conv1d_fused_qkv_keeps_function_and_checkpoint_layout():
     model = seeded(GPT2Like)
     x = torch.randn(2, 5, 32)
-    gm = split_for(model, {"c_attn": "qkv", "c_proj": "rowwise"}, (x,))
+    gm = split_for(model, {"c_attn": QKV_32, "c_proj": "rowwise"}, (x,))
     records = {n.target: sharding_of(n) for n in gm.graph.find_nodes(op="call_module")}
     # Conv1D stores (in, out): column-parallel shards dim 1, row-parallel dim 0.
     assert records["c_attn.q"].specs == {"weight": (None, "tp"), "bias": ("tp",)}

@@ -14,7 +14,7 @@ from fx_shard.checkpoint import load_sharded, shard_indices
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.models.plans import PLANS
 from fx_shard.sharding import layer_parameters
-from tests.toy import GPT2Like
+from tests.toy import QKV_32, GPT2Like
 
 
 def sharded(name, mesh, seed=0):
@@ -147,7 +147,7 @@ def test_load_sharded_into_sharded_model_keeps_parameter_objects(mesh):
 def test_load_sharded_conv1d_parts_read_their_columns(mesh, devices, tmp_path):
     from safetensors.torch import save_file
 
-    plan = {"c_attn": "qkv", "c_proj": "rowwise"}
+    plan = {"c_attn": QKV_32, "c_proj": "rowwise"}
     x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = GPT2Like().eval()
@@ -268,3 +268,68 @@ def test_torch_distributed_checkpoint_with_spmd_planners(mesh, tmp_path):
     for name, spec in before.items():
         # Replicated parameters come back annotated "{replicated}" (before: no annotation); sharded ones unchanged.
         assert after[name] == spec or (spec == "" and after[name] == "{replicated}"), name
+
+
+@pytest.mark.parametrize("saved", ["state_dict", "save_model", "without_head", "both_keys"])
+def test_load_sharded_takes_a_tied_models_own_checkpoint(saved, mesh, devices, tmp_path):
+    from safetensors.torch import save_file, save_model
+
+    model = models.build("gpt2")
+    state = model.state_dict()
+    path = tmp_path / "model.safetensors"
+    if saved == "save_model":
+        save_model(model, str(path))  # keeps one of the tied keys
+    elif saved == "without_head":
+        save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, str(path))
+    elif saved == "both_keys":
+        save_file({k: v.clone() for k, v in state.items()}, str(path))  # safetensors refuses shared tensors
+    meta = models.build("gpt2", device="meta")
+    gm = fx_shard.transform(meta, PLANS["gpt2"], mesh_shape={"tp": devices})
+    load_sharded(gm, state if saved == "state_dict" else path, mesh, model=meta)
+    assert gm.lm_head.weight is gm.transformer.wte.weight
+    for key, value in state.items():
+        torch.testing.assert_close(gm.state_dict()[key].cpu(), value, rtol=0, atol=0, msg=key)
+
+
+def test_load_sharded_casts_a_bfloat16_checkpoint(mesh, devices):
+    model = models.build("llama")
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    meta = models.build("llama", device="meta")
+    gm = fx_shard.transform(meta, PLANS["llama"], mesh_shape={"tp": devices})
+    load_sharded(gm, state, mesh, model=meta)
+    for key, value in state.items():
+        loaded = gm.state_dict()[key]
+        assert loaded.dtype == torch.float32, key
+        torch.testing.assert_close(loaded.cpu(), value.float(), rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("into", ["meta", "sharded"])
+def test_load_sharded_is_all_or_nothing(into, mesh, devices, monkeypatch):
+    from fx_shard import checkpoint
+
+    meta = models.build("llama", device="meta")
+    if into == "meta":
+        gm = fx_shard.transform(meta, PLANS["llama"], mesh_shape={"tp": devices})
+        before = None
+    else:
+        gm = sharded("llama", mesh)
+        before = {k: v.cpu() for k, v in gm.state_dict().items()}
+    read = checkpoint._Reader.read
+
+    def damaged(self, key, index):  # the last tensor read fails, as from a truncated file
+        if key == "lm_head.weight":
+            raise OSError("unexpected end of file")
+        return read(self, key, index)
+
+    monkeypatch.setattr(checkpoint._Reader, "read", damaged)
+    with pytest.raises(FxShardError, match=(
+        r"reading checkpoint tensor 'lm_head.weight' failed \(OSError: unexpected end of file\); nothing was loaded, "
+        r"LlamaForCausalLM is as it was: check the checkpoint file"
+    )):
+        load_sharded(gm, models.build("llama", seed=1).state_dict(), mesh, model=meta)
+    if before is None:
+        assert all(t.is_meta for t in gm.parameters())
+        assert all(t.is_meta for _, t in gm.named_buffers())
+    else:
+        for key, value in gm.state_dict().items():
+            torch.testing.assert_close(value.cpu(), before[key], rtol=0, atol=0, msg=key)

@@ -68,3 +68,17 @@ def test_a_model_already_on_the_device_is_refused(mesh):
     model = models.build("gpt2").to(fx_shard.xla_device())
     with pytest.raises(fx_shard.FxShardError, match=r"GPT2LMHeadModel.transformer.wte.weight is already on xla:0; fx_shard.shard and transform take a model on the CPU or the meta device .* use fx_shard.shard_model"):
         fx_shard.shard(model, mesh, PLANS["gpt2"])
+
+
+def test_shard_of_a_transformed_model_places_it_as_transformed(mesh, devices):
+    model, inputs = models.build("llama"), models.example_inputs("llama")
+    transformed = fx_shard.transform(model, PLANS["llama"], mesh_shape={"tp": devices}, example_inputs=inputs)
+    gm = fx_shard.shard(transformed, mesh)
+    reference = fx_shard.shard(model, mesh, PLANS["llama"], example_inputs=inputs)
+    assert gm.meta[SHARDING_KEY].layers == transformed.meta[SHARDING_KEY].layers == reference.meta[SHARDING_KEY].layers
+    specs = lambda m: {n: sharding_spec(p) for n, p in m.named_parameters()}  # noqa: E731
+    assert specs(gm) == specs(reference)
+    with torch.no_grad():
+        assert relative_error(gm(*(t.to(fx_shard.xla_device()) for t in inputs)), model(*inputs)) <= 1e-5
+    with pytest.raises(fx_shard.FxShardError, match=r"GraphModule is already sharded on xla:0 \(fx_shard.shard's result\): use it as it is"):
+        fx_shard.shard(gm, mesh)
