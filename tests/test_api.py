@@ -113,3 +113,23 @@ def test_capture_error_names_the_model():
 
     with pytest.raises(CaptureError, match=r"torch.fx could not trace Branchy: TraceError"):
         capture(Branchy())
+
+
+def test_the_package_loads_its_names_on_first_use():
+    # Each public name comes from the module fx_shard.__init__'s table names, and dir() lists them all.
+    import importlib
+
+    for name, module in fx_shard._EXPORTS.items():
+        assert getattr(fx_shard, name) is getattr(importlib.import_module(module), name), name
+    assert sorted(fx_shard._EXPORTS) == sorted(fx_shard.__all__)
+    assert set(fx_shard.__all__) <= set(dir(fx_shard))
+    # report, collectives and backend are functions and submodules: importing the submodule hides no function.
+    importlib.import_module("fx_shard.collectives")
+    importlib.import_module("fx_shard.report.fold")
+    assert callable(fx_shard.report) and fx_shard.report.__module__ == "fx_shard.report"
+    assert callable(fx_shard.collectives) and fx_shard.collectives.__name__ == "collectives"
+    from fx_shard import backend, report
+
+    assert (report, backend) == (fx_shard.report, fx_shard.backend) and callable(backend)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        fx_shard.no_such_name  # noqa: B018
