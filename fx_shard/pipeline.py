@@ -38,7 +38,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase
 
-from fx_shard.axes import Axis, axis_size
+from fx_shard.axes import Axis, Spec, axis_size
 from fx_shard.capture import (
     Captured,
     capture_parts,
@@ -227,6 +227,11 @@ class Pipeline:
             with self._phase("diff"):
                 after = _snapshot(gm)
                 diff.append(_diff(name, part, before, after))
+            changed = diff[-1]
+            logger.info(
+                "pass %s: +%d -%d ~%d nodes%s", name, len(changed.added), len(changed.removed), len(changed.rewritten),
+                f" in {part}" if part else "",
+            )
             before = after
         return diff
 
@@ -244,6 +249,9 @@ class Pipeline:
             for target, record in recorded_layers(gm):
                 layers.setdefault(f"{prefix}.{target}" if prefix else target, record)
         layers.update(outside)
+        for path, record in layers.items():
+            specs = ", ".join(f"{name} {_spec_text(spec)}" for name, spec in record.specs.items()) or "replicated"
+            logger.info("layer %s: %s, %s; %s", path, record.style, specs, record.source)
         summary = ModelSharding(
             self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside)
         )
@@ -280,6 +288,11 @@ class Pipeline:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _spec_text(spec: Spec) -> str:
+    """A partition spec as ``(tp, -)``: the mesh axis of each dimension, ``-`` where it is whole."""
+    return "(" + ", ".join("-" if a is None else a if isinstance(a, str) else "×".join(a) for a in spec) + ")"
 
 
 def _on_meta(root: nn.Module) -> bool:
