@@ -307,7 +307,7 @@ def test_json_round_trips_with_stable_keys():
 @pytest.mark.parametrize("format", ["markdown", "github"])
 def test_markdown_tables(format):
     text = fx_shard.report(transformed("llama"), format)
-    assert text.startswith("# fx\\_shard report: LlamaForCausalLM")
+    assert text.startswith("# fx\\_shard report: Llama on mesh")
     for heading in ("## 1. Graph diff", "## 2. Layers", "## 3. Costs", "### Collectives per forward", "## 4. Left alone"):
         assert heading in text
     rows = markdown_rows(text)
@@ -362,7 +362,7 @@ def test_a_model_captured_part_by_part():
 def test_cli_report_json(capsys):
     assert main(["report", "gpt2", "--devices", "4", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["model"] == "GPT2LMHeadModel" and data["mesh"] == {"tp": 4}
+    assert data["model"] == "GPT2" and data["mesh"] == {"tp": 4}
 
 
 def test_cli_report_folds_and_writes_files(tmp_path, capsys):
