@@ -259,6 +259,9 @@ def test_text_in_a_width(name):
         assert " ".join("; ".join([layer["source"], *layer["notes"]]).split()) in flat, layer["module"]
     for row in data["diff"]["rows"][:20]:
         assert all(" ".join(row[k].split()) in flat for k in ("before", "after")), row
+    # Module paths stay whole: the other columns wrap first (gpt2's "weight (tied to transformer.wte.weight)").
+    for layer in data["layers"]:
+        assert re.search(rf"^{re.escape(layer['module'])}\s", narrow, flags=re.M), layer["module"]
     # A layer's long "why" goes under its row (and its parameters' rows), the table's columns keep one line each.
     if name == "llama":
         k_proj = next(i for i, line in enumerate(lines) if line.startswith("model.layers.0-1.self_attn.k_proj  2×"))

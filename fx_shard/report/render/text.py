@@ -19,6 +19,8 @@ from fx_shard.report.render.base import Renderer
 
 # Space tabulate's "simple" format puts between two columns.
 _GAP = 2
+# The narrowest a column is wrapped to before the table's first column is wrapped too.
+_MIN_CAP = 12
 # Indent of a column shown under its row.
 _BELOW = "    "
 
@@ -93,22 +95,26 @@ def _column_caps(rows: list[list[str]], headers: list[str], numeric: set[int], w
     """Widths to wrap each column at (``None``: as wide as it is) so the table fits ``width``; ``None`` if it fits.
 
     The widest text columns are narrowed first, all to one cap, the largest
-    that fits; numeric columns are never wrapped, and no column gets narrower
-    than its header.
+    that fits; numeric columns are never wrapped, no column gets narrower
+    than its header, and the first column (the row's name) is wrapped only
+    when the others cannot make room at ``_MIN_CAP`` characters.
     """
     natural = [_natural(rows, headers, i) for i in range(len(headers))]
     budget = width - _GAP * (len(headers) - 1)
     if sum(natural) <= budget:
         return None
     floor = [len(h) + MIN_PADDING for h in headers]
+    for wrappable in ([i for i in range(1, len(headers)) if i not in numeric],
+                      [i for i in range(len(headers)) if i not in numeric]):
+        def total(cap: int) -> int:
+            return sum(max(min(w, cap), floor[i]) if i in wrappable else w for i, w in enumerate(natural))
 
-    def total(cap: int) -> int:
-        return sum(w if i in numeric else max(min(w, cap), floor[i]) for i, w in enumerate(natural))
-
-    cap = max(natural)
-    while cap > 1 and total(cap) > budget:
-        cap -= 1
-    return [None if i in numeric or natural[i] <= cap else max(cap, floor[i]) for i in range(len(headers))]
+        cap = max(natural)
+        while cap > 1 and total(cap) > budget:
+            cap -= 1
+        if cap >= _MIN_CAP or wrappable[:1] == [0]:
+            return [max(cap, floor[i]) if i in wrappable and natural[i] > cap else None for i in range(len(headers))]
+    raise AssertionError("unreachable")
 
 
 def _wrap_cell(text: str, cap: int) -> list[str]:
