@@ -380,9 +380,9 @@ def test_cli_report_folds_and_writes_files(tmp_path, capsys):
     assert "`model.layers.1.mlp.down_proj`" in saved
 
 
-def test_cli_rejects_a_bad_override():
-    with pytest.raises(SystemExit, match="FIELD=VALUE"):
-        main(["report", "llama", "--set", "num_hidden_layers"])
+def test_cli_rejects_a_bad_override(capsys):
+    assert main(["report", "llama", "--set", "num_hidden_layers"]) == 2
+    assert capsys.readouterr().err == "fx-shard report: error: --set takes FIELD=VALUE (e.g. num_hidden_layers=4), not 'num_hidden_layers'\n"
 
 
 # ---------------------------------------------------------------- docs/reports
