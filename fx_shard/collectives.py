@@ -62,6 +62,13 @@ class Collectives(Mapping[str, int]):
         """Only the collectives that occur: ``{"all-reduce": 4}``."""
         return {op: s.count for op, s in self.stats.items() if s.count}
 
+    def __repr__(self) -> str:
+        """A short summary: ``Collectives(all-reduce=5; results 2.5 KiB per device; parameters 57.2 KiB per device)``."""
+        found = self.nonzero()
+        counts = ", ".join(f"{op}={n}" for op, n in found.items()) or "none"
+        results = f"; results {_size(sum(self.bytes.values()))} per device" if found else ""
+        return f"Collectives({counts}{results}; parameters {_size(self.parameter_bytes)} per device)"
+
 
 def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] | None = None, **kwargs) -> Collectives:
     """Run ``model(*inputs, **kwargs)`` once on the XLA device and count its collectives.
@@ -115,6 +122,15 @@ def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] |
         parameter_bytes=device_parameter_bytes(model),
         programs=tuple(f.name for f in files),
     )
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in B, KiB, MiB or GiB, one decimal."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def device_parameter_bytes(model: nn.Module) -> int:

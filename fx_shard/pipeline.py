@@ -263,6 +263,11 @@ class Pipeline:
             with self._phase("diff"):
                 after = _snapshot(gm)
                 diff.append(_diff(name, part, before, after))
+            changed = diff[-1]
+            logger.info(
+                "pass %s: +%d -%d ~%d nodes%s", name, len(changed.added), len(changed.removed), len(changed.rewritten),
+                f" in {part}" if part else "",
+            )
             before = after
         return diff
 
@@ -284,6 +289,10 @@ class Pipeline:
                 layers.setdefault(f"{prefix}.{target}" if prefix else target, record)
         layers.update(outside)
         _check_tied(root, layers)
+        if logger.isEnabledFor(logging.INFO):
+            for path, record in layers.items():
+                specs = ", ".join(f"{name} {_spec_text(spec)}" for name, spec in record.specs.items()) or "replicated"
+                logger.info("layer %s: %s, %s; %s", path, record.style, specs, record.source)
         summary = ModelSharding(
             self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside),
             plan=plan.to_dict() if plan is not None else None, fused=self.fused, notes=notes,
@@ -362,6 +371,11 @@ def _same_plan(plan: ShardPlan, data: Mapping | None) -> bool:
     """Whether ``plan`` is the plan ``data`` (``ShardPlan.to_dict()``) describes, entries in the same order."""
     ours = plan.to_dict()
     return data is not None and ours == data and list(ours["entries"]) == list(data["entries"])
+
+
+def _spec_text(spec: Spec) -> str:
+    """A partition spec as ``(tp, -)``: the mesh axis of each dimension, ``-`` where it is whole."""
+    return "(" + ", ".join("-" if a is None else a if isinstance(a, str) else "×".join(a) for a in spec) + ")"
 
 
 def _on_meta(root: nn.Module) -> bool:

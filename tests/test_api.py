@@ -138,9 +138,29 @@ def test_transform_of_a_transformed_model_refuses_another_mesh_or_plan():
         ({"mesh_shape": {"tp": 4}, "plan": "auto"}, r"another plan than its own \(\{'entries': \{\}, 'class_rules': True, 'auto': False\}\)"),
     ]:
         with pytest.raises(fx_shard.PlanError, match=(
-            r"VllmLlamaForCausalLM was already transformed by fx_shard for mesh \{'tp': 4\} \(root.meta\['sharding'\]\), "
+            r"VllmLlama was already transformed by fx_shard for mesh \{'tp': 4\} \(root.meta\['sharding'\]\), "
             rf"but this call asks for {asked}; transform the original model for that, or call with plan=None"
         )):
             fx_shard.transform(gm, **kwargs)
     with pytest.raises(fx_shard.FxShardError, match=r"already rewritten by fx_shard.transform / shard .* backend='openxla'"):
         fx_shard.Pipeline({"tp": 4}).transform_captured(None, gm, None, capture=None)
+
+
+def test_the_package_loads_its_names_on_first_use():
+    # Each public name comes from the module fx_shard.__init__'s table names, and dir() lists them all.
+    import importlib
+
+    for name, module in fx_shard._EXPORTS.items():
+        assert getattr(fx_shard, name) is getattr(importlib.import_module(module), name), name
+    assert sorted(fx_shard._EXPORTS) == sorted(fx_shard.__all__)
+    assert set(fx_shard.__all__) <= set(dir(fx_shard))
+    # report, collectives and backend are functions and submodules: importing the submodule hides no function.
+    importlib.import_module("fx_shard.collectives")
+    importlib.import_module("fx_shard.report.fold")
+    assert callable(fx_shard.report) and fx_shard.report.__module__ == "fx_shard.report"
+    assert callable(fx_shard.collectives) and fx_shard.collectives.__name__ == "collectives"
+    from fx_shard import backend, report
+
+    assert (report, backend) == (fx_shard.report, fx_shard.backend) and callable(backend)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        fx_shard.no_such_name  # noqa: B018

@@ -1,4 +1,4 @@
-"""The README's commands: the main job runs and agrees with the unsharded model; CI runs the test command."""
+"""The ``fx-shard`` command: the README's commands, the demo's output, one-line mistakes, a fast ``--help``."""
 
 import os
 import re
@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fx_shard import cli, models
+from fx_shard.cli import main
+from fx_shard.report import FORMATS
 
 ROOT = Path(__file__).parent.parent
 
@@ -21,10 +25,15 @@ def test_ci_runs_the_readme_test_command():
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """``fx-shard ARGS`` in a child process, which starts its own XLA runtime."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES", "FX_SHARD_DEVICES")}
-    return subprocess.run([sys.executable, "-m", "fx_shard.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+# What a user's shell may hold that would change what a child process does.
+_XLA_ENV = ("PJRT_DEVICE", "CPU_NUM_DEVICES", "FX_SHARD_DEVICES", "TF_CPP_MIN_LOG_LEVEL")
+
+
+def run_cli(*args: str, code: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``fx-shard ARGS`` in a child process, which starts its own XLA runtime (or runs ``code``), with ``env`` added."""
+    env = {**{k: v for k, v in os.environ.items() if k not in _XLA_ENV}, **env}
+    command = ["-c", code, *args] if code else ["-m", "fx_shard.cli", *args]
+    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_checked_in_reports_are_current(tmp_path):
@@ -40,14 +49,112 @@ def test_checked_in_reports_are_current(tmp_path):
     )
 
 
-@pytest.mark.parametrize(("model", "devices"), [("llama", 8), ("gpt2", 2)])
-def test_demo_agrees_with_unsharded(model, devices):
-    proc = run_cli("demo", "--model", model, "--devices", str(devices))
+# The demo, then a child process of it printing what it sees of TF_CPP_MIN_LOG_LEVEL.
+_DEMO_THEN_CHILD = (
+    "import subprocess, sys\n"
+    "from fx_shard.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "child = \"import os; print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))\"\n"
+    "seen = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True).stdout.strip()\n"
+    "print(f'child sees TF_CPP_MIN_LOG_LEVEL={seen}')\n"
+    "sys.exit(code)\n"
+)
+
+
+@pytest.mark.parametrize(("model", "devices", "log_level"), [("llama", 8, None), ("gpt2", 2, "0")])
+def test_demo_agrees_with_unsharded(model, devices, log_level):
+    env = {} if log_level is None else {"TF_CPP_MIN_LOG_LEVEL": log_level}
+    proc = run_cli("demo", "--model", model, "--devices", str(devices), code=_DEMO_THEN_CHILD, **env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    out = proc.stdout
-    assert f"{model}: sharded over {devices} XLA devices" in out
-    assert "(within 1e-05)" in out
+    *lines, child = proc.stdout.splitlines()
+    long = [line for line in lines if len(line) > cli.WIDTH]
+    assert not long, long
+    name = {"llama": "Llama", "gpt2": "GPT2"}[model]
+    # A summary first, the verdict and the time taken last.
+    assert lines[0] == f"fx_shard demo: {model} (fx_shard.models.{name}, 2 blocks) on {devices} XLA CPU devices"
+    assert re.match(r"- result: agrees with the unsharded model: max \|difference\| / max \|output\| = \d\.\de-\d\d "
+                    r"\(limit 1e-05\)$", lines[1])
     # 2 blocks: 2 all-reduces each, 1 for the vocabulary-parallel embedding, nothing else.
-    assert "collectives in one forward (XLA's partitioned HLO): all-reduce 5\n" in out
-    layer = "model.layers.0.self_attn.q_proj" if model == "llama" else "transformer.h.0.attn.c_attn.q"
-    assert re.search(rf"^{re.escape(layer)}\s+colwise\s", out, flags=re.M), out
+    assert "- collectives per forward, counted in XLA's partitioned HLO: all-reduce 5 (as predicted)" in lines[:8]
+    assert re.match(rf"verdict: {model} on {devices} XLA CPU devices agrees with the unsharded model \(error \d\.\de-\d\d, "
+                    r"limit 1e-05\)$", lines[-2])
+    assert re.match(r"took \d+\.\d s: imports \d+\.\d s, fx_shard \d+\.\d s, XLA \(start, compile, run\) \d+\.\d s, "
+                    r"check \d+\.\d s$", lines[-1])
+    layer = "model.layers.0-1.self_attn.q_proj" if model == "llama" else "transformer.h.0-1.attn.c_attn.q"
+    out = "\n".join(lines)
+    assert re.search(rf"^{re.escape(layer)}\s+2×\s+colwise\s", out, flags=re.M), out
+    assert "Graph diff" not in out and "--full prints the whole report" in out
+    # XLA's C++ notices silenced unless the user set their level; either way a child sees the user's environment.
+    if log_level is None:
+        assert proc.stderr == "" and child == "child sees TF_CPP_MIN_LOG_LEVEL=None"
+    else:
+        assert "GSPMD sharding propagation is going to be deprecated" in proc.stderr
+        assert child == f"child sees TF_CPP_MIN_LOG_LEVEL={log_level}"
+
+
+def test_help_imports_no_torch():
+    code = (
+        "import sys\n"
+        "from fx_shard.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torch_xla', 'tabulate', 'numpy')))\n"
+    )
+    for args in (["--help"], ["demo", "--help"], ["report", "--help"]):
+        proc = run_cli(*args, code=code)
+        assert proc.returncode == 0, proc.stderr
+        *help_text, imported = proc.stdout.splitlines()
+        assert imported == "[]", (args, imported)
+        assert "usage: fx-shard" in help_text[0]
+
+
+def test_every_option_has_help():
+    parser = cli._parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for p in (parser, *commands.values()):
+        for action in p._actions:
+            assert action.help, f"{p.prog} {'/'.join(action.option_strings) or action.dest} has no help"
+
+
+def test_the_names_the_help_lists_are_fx_shards():
+    assert cli.MODELS == models.MODELS and cli.FORMATS == FORMATS
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["demo", "--devices", "3"], {}, r"fx-shard demo: error: output features \(256\) of model\.embed_tokens are not "
+     r"divisible by mesh axis 'tp' \(3\); .* \(--devices 3 is that axis's size: try --devices 2, 4 or 8\)"),
+    (["report", "llama", "--devices", "3"], {}, r"fx-shard report: error: output features \(256\) .* try --devices 2, 4 or 8\)"),
+    (["report", "llama", "--set", "foo=1"], {}, r"fx-shard report: error: --set foo=1: LlamaConfig has no field foo; "
+     r"its fields are head_dim, hidden_size"),
+    (["report", "llama", "--set", "num_hidden_layers"], {}, r"fx-shard report: error: --set takes FIELD=VALUE"),
+    (["demo", "--devices", "8"], {"CPU_NUM_DEVICES": "4"}, r"fx-shard demo: error: --devices 8, but CPU_NUM_DEVICES=4 is "
+     r"set .*: run with --devices 4, or unset CPU_NUM_DEVICES"),
+    (["report", "gpt2", "--measure", "--devices", "2"], {"CPU_NUM_DEVICES": "4", "PJRT_DEVICE": "CPU"},
+     r"fx-shard report: error: --devices 2, but CPU_NUM_DEVICES=4 is set .*: run with --devices 4"),
+])
+def test_a_mistake_is_one_line(args, env, message, capsys, monkeypatch):
+    # Each fails before any XLA runtime starts (this process must not start one).
+    for name in _XLA_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert re.fullmatch(message + ".*\n", err), err
+    # -v: the traceback instead.
+    with pytest.raises(cli.UsageError):
+        main(["-v", *args])
+
+
+def test_devices_default_to_cpu_num_devices(monkeypatch):
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    monkeypatch.setenv("CPU_NUM_DEVICES", "4")
+    assert cli._runtime_devices(None) == 4 and cli._runtime_devices(4) == 4
+    monkeypatch.delenv("CPU_NUM_DEVICES")
+    assert cli._runtime_devices(None) == 8 and cli._runtime_devices(2) == 2
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")
+    monkeypatch.setenv("CPU_NUM_DEVICES", "4")  # not read off the CPU
+    assert cli._runtime_devices(8) == 8

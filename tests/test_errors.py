@@ -181,7 +181,7 @@ def test_shard_model_on_a_model_still_on_the_cpu():
     mesh = SimpleNamespace(axis_names=("tp",), mesh_shape=(2,))  # what shard_model reads before any XLA call
     model = models.build("llama-vllm")
     with pytest.raises(FxShardError, match=(
-        r"VllmLlamaForCausalLM.model.embed_tokens.weight is on cpu; shard_model shards in place a model already on the "
+        r"VllmLlama.model.embed_tokens.weight is on cpu; shard_model shards in place a model already on the "
         r"XLA device, as vLLM's does: move it first with model.to\(fx_shard.xla_device\(\)\), or use fx_shard.shard"
     )):
         fx_shard.shard_model(model, mesh)

@@ -115,6 +115,22 @@ ENTRY %main (p: bf16[16,16], q: f32[4,2]) -> f32[4,8] {
     }
 
 
+def test_collectives_print_as_a_short_summary():
+    from fx_shard.collectives import Collectives
+
+    stats = count_collectives("""
+  %ar = f32[16,64]{1,0} all-reduce(f32[16,64]{1,0} %a), to_apply=%add
+  %ar.1 = f32[16,64]{1,0} all-reduce(f32[16,64]{1,0} %b), to_apply=%add
+  %ag = f32[4,8]{1,0} all-gather(f32[4,2]{1,0} %q), dimensions={1}
+""")
+    counts = Collectives(stats=stats, memory_bytes=123_456, parameter_bytes=58_624, programs=("SyncTensorsGraph.1",))
+    text = "Collectives(all-reduce=2, all-gather=1; results 8.1 KiB per device; parameters 57.2 KiB per device)"
+    assert str(counts) == repr(counts) == text  # 2 * 16 * 64 * 4 + 4 * 8 * 4 bytes = 8,320 B
+    idle = Collectives(stats=count_collectives(""), memory_bytes=None, parameter_bytes=900, programs=())
+    assert str(idle) == "Collectives(none; parameters 900 B per device)"
+    assert counts["all-reduce"] == 2 and dict(counts.nonzero()) == {"all-reduce": 2, "all-gather": 1}
+
+
 def test_async_start_without_done_uses_result_element():
     hlo = """
   %ags = (f32[4,2]{1,0}, f32[4,8]{1,0}) all-gather-start(%q), dimensions={1}

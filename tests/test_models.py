@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 from fx_shard import layers, models
-from fx_shard.models import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, VllmLlamaForCausalLM
+from fx_shard.models import GPT2, Llama, LlamaConfig, VllmLlama
 
 _LEAF_TYPES = (
     nn.Linear,
@@ -193,9 +193,9 @@ def test_non_persistent_buffers() -> None:
 def test_vllm_load_from_hf_style(overrides: dict) -> None:
     config = LlamaConfig(**overrides)
     torch.manual_seed(0)
-    plain = LlamaForCausalLM(config).eval()
+    plain = Llama(config).eval()
     torch.manual_seed(1)
-    vllm = VllmLlamaForCausalLM(config).eval()
+    vllm = VllmLlama(config).eval()
     assert vllm.load_from_hf_style(plain) is vllm
     (ids,) = models.example_inputs("llama", **overrides)
     with torch.no_grad():
@@ -211,9 +211,9 @@ def test_vllm_load_from_hf_style(overrides: dict) -> None:
 
 
 def test_vllm_load_rejects_other_config() -> None:
-    plain = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1))
+    plain = Llama(LlamaConfig(num_hidden_layers=1))
     with pytest.raises(ValueError, match="configs differ"):
-        VllmLlamaForCausalLM(LlamaConfig()).load_from_hf_style(plain)
+        VllmLlama(LlamaConfig()).load_from_hf_style(plain)
 
 
 def test_llama_vllm_build_matches_llama() -> None:
@@ -224,7 +224,7 @@ def test_llama_vllm_build_matches_llama() -> None:
 
 def test_gpt2_tied_head() -> None:
     model = models.build("gpt2")
-    assert isinstance(model, GPT2LMHeadModel)
+    assert isinstance(model, GPT2)
     assert model.lm_head.weight is model.transformer.wte.weight
     untied = models.build("gpt2", tie_word_embeddings=False)
     assert untied.lm_head.weight is not untied.transformer.wte.weight

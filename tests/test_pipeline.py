@@ -138,3 +138,19 @@ def test_shapes_are_computed_only_when_a_plan_or_pass_needs_one(monkeypatch):
     assert ran == [gm] and PENDING_SHAPES not in gm.meta
     # The split of c_attn's output on dim 2 is the last dim only because the output is 3-D: rewired past the join.
     assert not gm.graph.find_nodes(op="call_function", target=torch.cat)
+
+
+def test_each_pass_and_each_decision_is_logged_once(caplog):
+    # What `fx-shard -v` shows: one line per pass applied (its diff counts), one per layer's final decision.
+    model = models.build("gpt2")
+    with caplog.at_level("INFO", logger="fx_shard.pipeline"):
+        fx_shard.transform(model, PLANS["gpt2"], mesh_shape={"tp": 8}, example_inputs=models.example_inputs("gpt2"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "fx_shard.pipeline"]
+    passes = [line for line in lines if line.startswith("pass ")]
+    assert len(passes) == len(Pipeline({"tp": 8}).pass_names())
+    assert "pass SplitFusedLinear: +8 -2 ~2 nodes" in passes  # per block: c_attn -> q, k, v and a cat
+    assert "pass RewireFusedConsumers: +0 -10 ~18 nodes" in passes
+    layers = [line for line in lines if line.startswith("layer ")]
+    assert len(layers) == 15 and len(lines) == len(passes) + len(layers)
+    assert "layer transformer.h.0.attn.c_attn.q: colwise, weight (tp, -), bias (tp); qkv part 'q' (plan entry '*.attn.c_attn')" in layers
+    assert "layer transformer.wpe: replicate, replicated; plan entry 'transformer.wpe'" in layers

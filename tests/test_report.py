@@ -231,7 +231,60 @@ def test_merge_writes_indices_as_ranges():
     assert _merge(["style"] * 2, "exact") == "style"
 
 
+def test_the_fold_note_only_when_a_row_is_folded():
+    note = "A row with a count (×) stands for that many rows"
+    folded = fx_shard.report(transformed("llama"))
+    assert folded.count(note) == 1 and folded.index(note) < folded.index("scaled_dot_product_attention  ")
+    assert note not in fx_shard.report(transformed("llama"), fold=False)
+    # One block: nothing to fold, so no note even when folding.
+    single = transformed("llama", num_hidden_layers=1)
+    assert all(r["count"] == 1 for r in report_data(single)["layers"]) and note not in fx_shard.report(single)
+
+
 # ---------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_text_in_a_width(name):
+    gm = transformed(name)
+    wide = fx_shard.report(gm, fold=False)
+    assert max(map(len, wide.splitlines())) > 100
+    narrow = fx_shard.report(gm, width=100)
+    lines = narrow.splitlines()
+    assert max(map(len, lines)) <= 100, "\n".join(line for line in lines if len(line) > 100)
+    # Nothing is dropped: each layer's style and why, each diff row's node text, up to where lines wrap.
+    flat = " ".join(narrow.split())
+    data = report_data(gm)
+    for layer in data["layers"]:
+        assert " ".join("; ".join([layer["source"], *layer["notes"]]).split()) in flat, layer["module"]
+    for row in data["diff"]["rows"][:20]:
+        assert all(" ".join(row[k].split()) in flat for k in ("before", "after")), row
+    # Module paths stay whole: the other columns wrap first (gpt2's "weight (tied to transformer.wte.weight)").
+    for layer in data["layers"]:
+        assert re.search(rf"^{re.escape(layer['module'])}\s", narrow, flags=re.M), layer["module"]
+    # A layer's long "why" goes under its row (and its parameters' rows), the table's columns keep one line each.
+    if name == "llama":
+        k_proj = next(i for i, line in enumerate(lines) if line.startswith("model.layers.0-1.self_attn.k_proj  2×"))
+        assert re.match(r"model\.layers\.0-1\.self_attn\.k_proj\s+2×\s+colwise\s+weight\s+\(16, 64\)\s+\(8, 64\)\s+\(tp:2, -\)$",
+                        lines[k_proj])
+        assert lines[k_proj + 1].startswith("    why: plan entry '*.self_attn.k_proj'; 2 heads (head_dim 8)")
+        assert lines[k_proj + 2].startswith("         ")
+
+
+def test_only_some_sections():
+    from fx_shard.report.render.text import TextRenderer
+
+    data = report_data(transformed("llama"))
+    layers = TextRenderer(100).render(data, ["layers"])
+    assert layers.startswith("Layers: how each is split, and why\n") and "Graph diff" not in layers and "Costs" not in layers
+    # The fold note moves to the first table shown with a folded row.
+    assert "fx_shard report:" not in layers and layers.index("A row with a count (×)") < layers.index("module ")
+    assert TextRenderer().render(data) == fx_shard.report(transformed("llama"))
+    with pytest.raises(ValueError, match=r"unknown report sections \['cost'\]; the sections are header, diff"):
+        TextRenderer().render(data, ["cost"])
+    with pytest.raises(ValueError, match="width= applies to the text format only"):
+        fx_shard.report(transformed("llama"), "markdown", width=100)
+
 
 
 def test_json_round_trips_with_stable_keys():
@@ -257,7 +310,7 @@ def test_json_round_trips_with_stable_keys():
 @pytest.mark.parametrize("format", ["markdown", "github"])
 def test_markdown_tables(format):
     text = fx_shard.report(transformed("llama"), format)
-    assert text.startswith("# fx\\_shard report: LlamaForCausalLM")
+    assert text.startswith("# fx\\_shard report: Llama on mesh")
     for heading in ("## 1. Graph diff", "## 2. Layers", "## 3. Costs", "### Collectives per forward", "## 4. Left alone"):
         assert heading in text
     rows = markdown_rows(text)
@@ -302,6 +355,8 @@ def test_a_model_captured_part_by_part():
     text = fx_shard.report(gm)
     assert re.search(r"^model\.layers\.0-1\.self_attn\.o_proj\s+2×\s+\(module\)\s+rowwise", text, flags=re.M)
     assert "captured part by part" in text
+    narrow = fx_shard.report(gm, width=100).splitlines()
+    assert max(map(len, narrow)) <= 100 and re.search(r"^module\s+×\s+graph\s+style", "\n".join(narrow), flags=re.M)
 
 
 # ---------------------------------------------------------------- the CLI
@@ -310,7 +365,7 @@ def test_a_model_captured_part_by_part():
 def test_cli_report_json(capsys):
     assert main(["report", "gpt2", "--devices", "4", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["model"] == "GPT2LMHeadModel" and data["mesh"] == {"tp": 4}
+    assert data["model"] == "GPT2" and data["mesh"] == {"tp": 4}
 
 
 def test_cli_report_folds_and_writes_files(tmp_path, capsys):
@@ -325,9 +380,9 @@ def test_cli_report_folds_and_writes_files(tmp_path, capsys):
     assert "`model.layers.1.mlp.down_proj`" in saved
 
 
-def test_cli_rejects_a_bad_override():
-    with pytest.raises(SystemExit, match="FIELD=VALUE"):
-        main(["report", "llama", "--set", "num_hidden_layers"])
+def test_cli_rejects_a_bad_override(capsys):
+    assert main(["report", "llama", "--set", "num_hidden_layers"]) == 2
+    assert capsys.readouterr().err == "fx-shard report: error: --set takes FIELD=VALUE (e.g. num_hidden_layers=4), not 'num_hidden_layers'\n"
 
 
 # ---------------------------------------------------------------- docs/reports

@@ -19,19 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from fx_shard.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from fx_shard.models.llama import LlamaConfig, LlamaForCausalLM, VllmLlamaForCausalLM
-from fx_shard.models.vit import VisionTransformer, ViTConfig
+from fx_shard.models.gpt2 import GPT2, GPT2Config
+from fx_shard.models.llama import Llama, LlamaConfig, VllmLlama
+from fx_shard.models.vit import ViT, ViTConfig
 
 __all__ = [
     "MODELS",
+    "GPT2",
     "GPT2Config",
-    "GPT2LMHeadModel",
+    "Llama",
     "LlamaConfig",
-    "LlamaForCausalLM",
+    "ViT",
     "ViTConfig",
-    "VisionTransformer",
-    "VllmLlamaForCausalLM",
+    "VllmLlama",
     "build",
     "example_inputs",
     "make_config",
@@ -41,10 +41,10 @@ __all__ = [
 Config = LlamaConfig | GPT2Config | ViTConfig
 
 
-def _build_vllm_llama(config: LlamaConfig) -> VllmLlamaForCausalLM:
+def _build_vllm_llama(config: LlamaConfig) -> VllmLlama:
     # Same weights as "llama" with the same seed: draw the plain model, then copy it over.
-    plain = LlamaForCausalLM(config)
-    return VllmLlamaForCausalLM(config).load_from_hf_style(plain)
+    plain = Llama(config)
+    return VllmLlama(config).load_from_hf_style(plain)
 
 
 _CONFIGS: dict[str, type] = {
@@ -54,10 +54,10 @@ _CONFIGS: dict[str, type] = {
     "vit": ViTConfig,
 }
 _FACTORIES: dict[str, Callable[[Any], nn.Module]] = {
-    "llama": LlamaForCausalLM,
+    "llama": Llama,
     "llama-vllm": _build_vllm_llama,
-    "gpt2": GPT2LMHeadModel,
-    "vit": VisionTransformer,
+    "gpt2": GPT2,
+    "vit": ViT,
 }
 
 MODELS: tuple[str, ...] = tuple(_FACTORIES)

@@ -1,5 +1,9 @@
 """A small GPT-2 in Hugging Face naming, with ``nn.Linear`` where GPT-2 has ``Conv1D``.
 
+Module paths are Hugging Face's (``transformer.h.0.attn.c_attn``); the top
+class is ``GPT2``, not ``GPT2LMHeadModel``, so a report on it is not taken
+for one on Hugging Face's model.
+
 The fused ``attn.c_attn`` (``d -> 3d``, with bias) is split into q, k, v by
 ``qkv.split(d, dim=2)``: the pattern fx_shard's automatic plan must recognise
 as a fused QKV. ``lm_head`` shares its weight with ``wte`` by default, as
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT2Attention", "GPT2Block", "GPT2Config", "GPT2LMHeadModel", "GPT2MLP", "GPT2Model"]
+__all__ = ["GPT2", "GPT2Attention", "GPT2Block", "GPT2Config", "GPT2MLP", "GPT2Model"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ class GPT2Model(nn.Module):
         return self.ln_f(hidden_states)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2(nn.Module):
     """GPT-2 with a language-model head; ``forward(input_ids) -> logits``."""
 
     def __init__(self, config: GPT2Config) -> None:

@@ -1,12 +1,14 @@
 """A small Llama, twice: plain ``nn.Linear`` (Hugging Face naming) and vLLM-style layers.
 
-``LlamaForCausalLM`` is what a user brings from Hugging Face: separate
+``Llama`` is what a user brings from Hugging Face (module paths as in
+``LlamaForCausalLM``; the class named apart, so a report on it is not taken
+for one on Hugging Face's model): separate
 ``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``, grouped-query
 attention through ``F.scaled_dot_product_attention``; fx_shard has to find
-the plan from the graph. ``VllmLlamaForCausalLM`` is the same function written
+the plan from the graph. ``VllmLlama`` is the same function written
 with ``fx_shard.layers`` in vLLM naming (fused ``qkv_proj`` and
 ``gate_up_proj``, tuple-returning layers); fx_shard plans it by layer class.
-``VllmLlamaForCausalLM.load_from_hf_style`` copies one into the other, so the
+``VllmLlama.load_from_hf_style`` copies one into the other, so the
 two can be checked against each other.
 
 Both trace whole with ``torch.fx.symbolic_trace``: the rotary tables are
@@ -33,18 +35,18 @@ from fx_shard.layers import (
 )
 
 __all__ = [
+    "Llama",
     "LlamaAttention",
     "LlamaConfig",
     "LlamaDecoderLayer",
-    "LlamaForCausalLM",
     "LlamaMLP",
     "LlamaModel",
     "LlamaRMSNorm",
     "LlamaRotaryEmbedding",
     "SiluAndMul",
+    "VllmLlama",
     "VllmLlamaAttention",
     "VllmLlamaDecoderLayer",
-    "VllmLlamaForCausalLM",
     "VllmLlamaMLP",
     "VllmLlamaModel",
     "VllmRotaryEmbedding",
@@ -246,7 +248,7 @@ class LlamaModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class LlamaForCausalLM(nn.Module):
+class Llama(nn.Module):
     """Llama with plain ``nn.Linear`` layers in Hugging Face naming; ``forward(input_ids) -> logits``."""
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -404,8 +406,8 @@ class VllmLlamaModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class VllmLlamaForCausalLM(nn.Module):
-    """The Llama of ``LlamaForCausalLM`` written with ``fx_shard.layers`` in vLLM naming.
+class VllmLlama(nn.Module):
+    """The Llama of ``Llama`` written with ``fx_shard.layers`` in vLLM naming.
 
     ``forward(input_ids) -> logits`` over the real vocabulary (``ParallelLMHead``
     drops the padding rows).
@@ -427,8 +429,8 @@ class VllmLlamaForCausalLM(nn.Module):
         return self.lm_head(self.model(input_ids))
 
     @torch.no_grad()
-    def load_from_hf_style(self, plain: LlamaForCausalLM) -> VllmLlamaForCausalLM:
-        """Copy the weights of a plain ``LlamaForCausalLM`` with the same config; returns ``self``.
+    def load_from_hf_style(self, plain: Llama) -> VllmLlama:
+        """Copy the weights of a plain ``Llama`` with the same config; returns ``self``.
 
         q, k, v rows are concatenated into ``qkv_proj``, gate and up rows into
         ``gate_up_proj``; embedding and head rows fill the padded tables, whose

@@ -1,4 +1,4 @@
-"""A small Vision Transformer in timm naming.
+"""A small Vision Transformer in timm naming (the top class is ``ViT``, not timm's ``VisionTransformer``).
 
 Attention is written by hand (``(q * scale) @ k^T``, softmax, ``@ v``) after
 timm's fused ``attn.qkv`` reshaped to ``(3, B, H, N, hd)`` and unbound: the
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "ViTConfig", "VisionTransformer"]
+__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "ViT", "ViTConfig"]
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionTransformer(nn.Module):
+class ViT(nn.Module):
     """ViT classifier: patch tokens plus a class token, blocks, norm, class-token pooling, head.
 
     ``forward(images (B, in_chans, image_size, image_size)) -> logits (B, num_classes)``.

@@ -56,6 +56,7 @@ from fx_shard.report.predict import (
     predicted_total,
 )
 from fx_shard.report.render import FORMATS, RENDERERS
+from fx_shard.report.render.text import TextRenderer
 
 __all__ = ["FORMATS", "SCHEMA", "parameter_bytes", "report", "report_data"]
 
@@ -63,7 +64,10 @@ __all__ = ["FORMATS", "SCHEMA", "parameter_bytes", "report", "report_data"]
 SCHEMA = "fx_shard.report/1"
 
 
-def report(model: nn.Module, format: str = "text", measured: Mapping[str, int] | None = None, *, fold: bool = True) -> str:
+def report(
+    model: nn.Module, format: str = "text", measured: Mapping[str, int] | None = None, *, fold: bool = True,
+    width: int | None = None,
+) -> str:
     """The report on a model ``fx_shard.transform`` or ``fx_shard.shard`` returned.
 
     ``format``: ``"text"`` (plain tables), ``"markdown"`` (pipe tables),
@@ -71,11 +75,16 @@ def report(model: nn.Module, format: str = "text", measured: Mapping[str, int] |
     ``measured``: ``fx_shard.collectives(model, *inputs)`` (or any mapping of
     collective op -> count), shown beside the prediction; its
     ``parameter_bytes``, if present, beside the computed per-device bytes.
-    ``fold=False`` keeps one row per layer and per node.
+    ``fold=False`` keeps one row per layer and per node. ``width`` (text
+    only): no line longer than that, prose and wide table cells wrapped.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown report format {format!r}; valid formats: {', '.join(FORMATS)}")
-    return RENDERERS[format](report_data(model, measured, fold=fold))
+    if width is None:
+        return RENDERERS[format](report_data(model, measured, fold=fold))
+    if format != "text":
+        raise ValueError(f"width= applies to the text format only, not {format!r}")
+    return TextRenderer(width).render(report_data(model, measured, fold=fold))
 
 
 def report_data(model: nn.Module, measured: Mapping[str, int] | None = None, *, fold: bool = True) -> dict[str, Any]:

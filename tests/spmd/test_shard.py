@@ -66,7 +66,7 @@ def test_hybrid_mesh_works_like_mesh(devices):
 
 def test_a_model_already_on_the_device_is_refused(mesh):
     model = models.build("gpt2").to(fx_shard.xla_device())
-    with pytest.raises(fx_shard.FxShardError, match=r"GPT2LMHeadModel.transformer.wte.weight is already on xla:0; fx_shard.shard and transform take a model on the CPU or the meta device .* use fx_shard.shard_model"):
+    with pytest.raises(fx_shard.FxShardError, match=r"GPT2.transformer.wte.weight is already on xla:0; fx_shard.shard and transform take a model on the CPU or the meta device .* use fx_shard.shard_model"):
         fx_shard.shard(model, mesh, PLANS["gpt2"])
 
 

@@ -19,6 +19,15 @@ from fx_shard.hlo import COLLECTIVE_OPS
 # Rows shown per pass in the diff tables (after folding); the JSON form has every row.
 MAX_DIFF_ROWS = 40
 
+#: The report's parts, in order: the title and summary, then sections 1 to 4.
+SECTIONS: tuple[str, ...] = ("header", "diff", "layers", "costs", "left_alone")
+
+# Said once, before the first table with a folded row.
+FOLD_NOTE = (
+    "A row with a count (×) stands for that many rows that differ only in numeric indices, written as "
+    "ranges (h.0-79), and in torch.fx's name counters (cat, cat_1), shown as the first row's."
+)
+
 
 class Renderer(ABC):
     """A report as text, from ``report_data``'s dict: a header, then sections 1 to 4."""
@@ -26,13 +35,19 @@ class Renderer(ABC):
     #: tabulate's ``tablefmt`` for every table.
     tablefmt: str
 
-    def render(self, data: dict[str, Any]) -> str:
-        """The whole report, ending in one newline."""
-        out = self._header(data)
-        out += self._diff(data)
-        out += self._layers(data)
-        out += self._costs(data)
-        out += self._left_alone(data)
+    def render(self, data: dict[str, Any], sections: Sequence[str] | None = None) -> str:
+        """The whole report, ending in one newline; or only ``sections`` (of ``SECTIONS``), headings unnumbered."""
+        chosen = SECTIONS if sections is None else tuple(sections)
+        unknown = sorted(set(chosen) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown report sections {unknown}; the sections are {', '.join(SECTIONS)}")
+        number = (lambda n: f"{n}. ") if sections is None else (lambda n: "")  # noqa: E731
+        folded = _first_folded(data, chosen)
+        out = self._header(data) if "header" in chosen else []
+        out += self._diff(data, folded == "diff", number(1)) if "diff" in chosen else []
+        out += self._layers(data, folded == "layers", number(2)) if "layers" in chosen else []
+        out += self._costs(data, folded == "costs", number(3)) if "costs" in chosen else []
+        out += self._left_alone(data, folded, number(4)) if "left_alone" in chosen else []
         return "\n".join(out).rstrip() + "\n"
 
     # -- how a format writes things
@@ -56,7 +71,12 @@ class Renderer(ABC):
     def para(self, text: str) -> list[str]:
         return [text, ""]
 
-    def table(self, rows: list[list[Any]], headers: list[str], numeric: Iterable[int] = ()) -> list[str]:
+    def bullets(self, items: list[str]) -> list[str]:
+        """A list of short statements (the summary under the title), escaped."""
+        return [self.prose(f"- {item}") for item in items]
+
+    def table(self, rows: list[list[Any]], headers: list[str], numeric: Iterable[int] = (), below: int = 0) -> list[str]:
+        """A table; ``below``: how many trailing columns are long text a narrow layout may put under each row."""
         numeric = set(numeric)
         align = ["right" if i in numeric else "left" for i in range(len(headers))]
         text = tabulate(rows, headers, tablefmt=self.tablefmt, disable_numparse=True, colalign=align)
@@ -79,17 +99,17 @@ class Renderer(ABC):
             found = ", ".join(f"{op} {n}" for op, n in measured.items() if n) or "none"
             collectives += f" (measured: {found})"
         lines = [
-            f"- {captured}; passes, in order: {', '.join(data['passes'])}",
-            f"- {s['layers']} layers planned: {s['sharded']} sharded, {s['replicated']} replicated",
-            f"- parameters per device: {_bytes(s['parameter_bytes_per_device'])} of {_bytes(s['parameter_bytes'])}",
-            f"- collectives per forward, predicted: {collectives}",
+            f"{captured}; passes, in order: {', '.join(data['passes'])}",
+            f"{s['layers']} layers planned: {s['sharded']} sharded, {s['replicated']} replicated",
+            f"parameters per device: {_bytes(s['parameter_bytes_per_device'])} of {_bytes(s['parameter_bytes'])}",
+            f"collectives per forward, predicted: {collectives}",
         ]
-        return [*self.title(title), *map(self.prose, lines), ""]
+        return [*self.title(title), *self.bullets(lines), ""]
 
-    def _diff(self, data: dict[str, Any]) -> list[str]:
+    def _diff(self, data: dict[str, Any], note: bool, number: str) -> list[str]:
         diff = data["diff"]
         several = len(data["graphs"]) > 1
-        out = self.heading("1. Graph diff: what each pass changed")
+        out = self.heading(f"{number}Graph diff: what each pass changed")
         summary_rows = [
             [p["pass"], f"{p['graphs_changed']} of {p['graphs']}", p["added"], p["removed"], p["rewritten"]]
             for p in diff["passes"]
@@ -101,33 +121,29 @@ class Renderer(ABC):
                 f"No node changed in {', '.join(quiet)}; a pass may still change sharding records "
                 "(node.meta['sharding']), which section 2 shows."
             ))
-        intro_done = False
         for p in diff["passes"]:
             rows = [r for r in diff["rows"] if r["pass"] == p["pass"]]
             if not rows:
                 continue
             out += self.heading(f"{p['pass']}: {p['added']} added, {p['removed']} removed, {p['rewritten']} rewritten", 3)
-            if not intro_done:
-                out += self.para(self.prose(
-                    "A row with a count (×) stands for that many nodes that differ only in numeric indices, "
-                    "written as ranges (h.0-79), and in torch.fx's name counters (cat, cat_1), shown as the first "
-                    "node's."
-                ))
-                intro_done = True
             shown = rows[:MAX_DIFF_ROWS]
+            if note and any(r["count"] > 1 for r in shown):
+                out += self.para(self.prose(FOLD_NOTE))
+                note = False
             table = [
                 ([self.code(r["graph"]) or "(root)"] if several else [])
                 + [r["change"], _count(r["count"]), self.code(r["node"]), self.code(r["before"]), self.code(r["after"])]
                 for r in shown
             ]
             headers = (["graph"] if several else []) + ["change", "×", "node", "before", "after"]
-            out += self.table(table, headers)
+            out += self.table(table, headers, below=2)
             if len(rows) > len(shown):
                 out += self.para(f"... and {len(rows) - len(shown)} more rows (format='json' lists them all).")
         return out
 
-    def _layers(self, data: dict[str, Any]) -> list[str]:
-        out = self.heading("2. Layers: how each is split, and why")
+    def _layers(self, data: dict[str, Any], note: bool, number: str) -> list[str]:
+        out = self.heading(f"{number}Layers: how each is split, and why")
+        out += self.para(self.prose(FOLD_NOTE)) if note else []
         several = len(data["graphs"]) > 1 or any(layer["graph"] is None for layer in data["layers"])
         rows = []
         for layer in data["layers"]:
@@ -146,7 +162,7 @@ class Renderer(ABC):
                     _spec(p["spec"]), self.prose(why) if i == 0 else "",
                 ])
         headers = ["module", "×", *(["graph"] if several else []), "style", "param", "global", "per device", "mesh axes", "why"]
-        out += self.table(rows, headers)
+        out += self.table(rows, headers, below=1)
         out += self.para(self.prose(
             "mesh axes: the mesh axis each dimension is split over, '-' where it is whole. "
             "graph '(module)': planned as a module outside any traced graph." if several else
@@ -154,9 +170,9 @@ class Renderer(ABC):
         ))
         return out
 
-    def _costs(self, data: dict[str, Any]) -> list[str]:
+    def _costs(self, data: dict[str, Any], note: bool, number: str) -> list[str]:
         costs = data["costs"]
-        out = self.heading("3. Costs")
+        out = self.heading(f"{number}Costs")
         out += self.heading("Parameter bytes", 3)
         b = costs["parameter_bytes"]
         rows = [[r["parameters"], r["tensors"], _bytes(r["total"]), _bytes(r["per_device"]), _bytes(r["per_device_ideal"])]
@@ -175,6 +191,7 @@ class Renderer(ABC):
 
         c = costs["collectives"]
         out += self.heading("Collectives per forward", 3)
+        out += self.para(self.prose(FOLD_NOTE)) if note else []
         measured = c["measured"]
         ops = [op for op in COLLECTIVE_OPS[:2]]
         ops += [op for op in (measured or {}) if op not in ops and (measured[op] or c["predicted"].get(op))]
@@ -188,7 +205,7 @@ class Renderer(ABC):
         if measured is not None:
             rows.append(["measured (partitioned HLO)", ""] + [measured.get(op, 0) for op in ops] + [""])
         numeric = range(2, 2 + len(ops))
-        out += self.table(rows, ["block", "×", *ops, "from"], numeric=numeric)
+        out += self.table(rows, ["block", "×", *ops, "from"], numeric=numeric, below=1)
         text = c["method"]
         if measured is not None:
             differ = [f"{op}: predicted {c['predicted'].get(op, 0)}, measured {n}"
@@ -198,14 +215,15 @@ class Renderer(ABC):
         out += self.para(self.prose(text))
         return out
 
-    def _left_alone(self, data: dict[str, Any]) -> list[str]:
+    def _left_alone(self, data: dict[str, Any], note: str | None, number: str) -> list[str]:
         left = data["left_alone"]
-        out = self.heading("4. Left alone, and why")
+        out = self.heading(f"{number}Left alone, and why")
         out += self.heading("Modules that did not trace (opaque)", 3)
         if left["opaque"]:
+            out += self.para(self.prose(FOLD_NOTE)) if note == "opaque" else []
             out += self.table(
                 [[self.code(r["module"]) or "(root)", _count(r["count"]), self.prose(r["reason"])] for r in left["opaque"]],
-                ["module", "×", "reason"],
+                ["module", "×", "reason"], below=1,
             )
             out += self.para(self.prose(
                 "Their own code runs as written; the linear-like layers inside them are planned as modules "
@@ -215,15 +233,17 @@ class Renderer(ABC):
             out += self.para("None: every module was captured in a graph.")
         out += self.heading("Replicated layers", 3)
         if left["replicated"]:
+            out += self.para(self.prose(FOLD_NOTE)) if note == "replicated" else []
             out += self.table(
                 [[self.code(r["module"]), _count(r["count"]), r["style"], self.prose("; ".join([r["source"], *r["notes"]]))]
                  for r in left["replicated"]],
-                ["module", "×", "style", "why"],
+                ["module", "×", "style", "why"], below=1,
             )
         else:
             out += self.para("None: every planned layer is sharded.")
         out += self.heading("Parameters in no planned layer (replicated)", 3)
         if left["unplanned"]:
+            out += self.para(self.prose(FOLD_NOTE)) if note == "unplanned" else []
             out += self.table(
                 [
                     [self.code(r["module"]) or "(root)", _count(r["count"]),
@@ -238,6 +258,25 @@ class Renderer(ABC):
             out += self.heading("Model code kept as written", 3)
             out += self.para("\n".join(f"- {self.prose(note)}" for note in left["code_kept"]))
         return out
+
+
+def _first_folded(data: dict[str, Any], sections: Sequence[str]) -> str | None:
+    """Where the fold note goes: the first table shown with a folded row (count > 1), if any.
+
+    A section's name, or for section 4 its table's (``"opaque"``, ``"replicated"``, ``"unplanned"``).
+    """
+    per_pass: dict[str, list[dict[str, Any]]] = {}
+    for row in data["diff"]["rows"]:
+        per_pass.setdefault(row["pass"], []).append(row)
+    shown_diff = [r for rows in per_pass.values() for r in rows[:MAX_DIFF_ROWS]]
+    left = data["left_alone"]
+    tables = [
+        ("diff", "diff", shown_diff), ("layers", "layers", data["layers"]),
+        ("costs", "costs", data["costs"]["collectives"]["blocks"]),
+        ("left_alone", "opaque", left["opaque"]), ("left_alone", "replicated", left["replicated"]),
+        ("left_alone", "unplanned", left["unplanned"]),
+    ]
+    return next((name for section, name, rows in tables if section in sections and any(r["count"] > 1 for r in rows)), None)
 
 
 def _count(n: int) -> str:
