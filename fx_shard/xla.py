@@ -82,7 +82,9 @@ def init_runtime(num_devices: int | None = None, *, hlo_dump: bool | str | os.Pa
       interpreter exits (or the directory ``XLA_FLAGS`` already names with
       ``--xla_dump_to``, left alone);
     - a path: that directory, never removed;
-    - ``False``: no dump (``collectives`` then raises).
+    - ``False``: no dump (``collectives`` then raises). This is how
+      ``make_mesh``, ``xla_device`` and ``shard`` start the runtime when
+      nothing started it before them: dumping costs compile time and disk.
 
     ``XLA_FLAGS`` and ``CPU_NUM_DEVICES`` are set only while the runtime
     starts and then restored, so child processes see the caller's values;
@@ -108,6 +110,14 @@ def init_runtime(num_devices: int | None = None, *, hlo_dump: bool | str | os.Pa
             "its flags once, when the runtime starts: start a new process for another dump"
         )
     return count
+
+
+def _started() -> _Runtime:
+    """This process's runtime; started without a dump if nothing started it (counting was not asked for)."""
+    global _runtime
+    if _runtime is None:
+        _runtime = _start(None, False)
+    return _runtime
 
 
 def _start(num_devices: int | None, hlo_dump: bool | str | os.PathLike | None) -> _Runtime:
@@ -188,23 +198,24 @@ def hlo_dump_dir() -> Path | None:
 
 
 def require_hlo_dump() -> Path:
-    """``hlo_dump_dir()``, starting the runtime if needed; an ``FxShardError`` saying what to do when there is none."""
+    """``hlo_dump_dir()``, starting the runtime with a dump if nothing started it; else an ``FxShardError``
+    saying how to get one when it started without."""
     init_runtime()
     dump = hlo_dump_dir()
     if dump is None:
         raise FxShardError(
-            "counting collectives reads XLA's HLO dump, but this process's XLA runtime started without one "
-            "(fx_shard.init_runtime(hlo_dump=False), or the runtime was started before fx_shard with no "
-            "--xla_dump_to in XLA_FLAGS); XLA reads its dump flags once, when the runtime starts: in a new "
-            "process, call fx_shard.init_runtime() (or init_runtime(hlo_dump=DIR) to keep the files) before "
-            "anything starts XLA"
+            "fx_shard.collectives reads the HLO that XLA dumps, but this process's XLA runtime started without a "
+            "dump: make_mesh, xla_device and shard start it so unless fx_shard.init_runtime() came first (or it was "
+            "init_runtime(hlo_dump=False), or the runtime started outside fx_shard with no --xla_dump_to in "
+            "XLA_FLAGS). XLA reads its flags once, when the runtime starts: in a new process, call "
+            "fx_shard.init_runtime() before anything else starts XLA (init_runtime(hlo_dump=DIR) keeps the files)"
         )
     return dump
 
 
 def xla_device() -> torch.device:
-    """The XLA device (SPMD's single logical device), starting the runtime if needed."""
-    init_runtime()
+    """The XLA device (SPMD's single logical device), starting the runtime (without a dump) if needed."""
+    _started()
     return _torch_xla().device()
 
 
@@ -218,7 +229,7 @@ def make_mesh(tp: int | None = None, *, dp: int = 1, kv: int | None = None):
     """
     import numpy as np
 
-    count = init_runtime()
+    count = _started().devices
     xs = _torch_xla().distributed.spmd
     tp = tp if tp is not None else count // dp
     if dp * tp != count:

@@ -74,10 +74,23 @@ def test_dump_flags_added_only_when_asked(tmp_path):
     assert xla._dump_in("--xla_dump_to=/x") is None
 
 
+def test_a_runtime_started_on_the_way_does_not_dump(monkeypatch):
+    # make_mesh / xla_device / shard start the runtime with hlo_dump=False when nothing started it; counting
+    # (collectives, through require_hlo_dump) starts it with the default dump. (A stand-in start: no XLA here.)
+    asked = []
+    monkeypatch.setattr(xla, "_start", lambda devices, hlo_dump: asked.append(hlo_dump) or xla._Runtime(8, None))
+    monkeypatch.setattr(xla, "_runtime", None)
+    assert xla._started().devices == 8 and asked == [False]
+    monkeypatch.setattr(xla, "_runtime", None)
+    with pytest.raises(FxShardError):
+        xla.require_hlo_dump()
+    assert asked == [False, None]  # None: init_runtime's default, a dump
+
+
 def test_collectives_without_a_dump_says_how_to_get_one(monkeypatch, tmp_path):
     # A runtime started with hlo_dump=False (as if: nothing starts XLA here).
     monkeypatch.setattr(xla, "_runtime", xla._Runtime(devices=2, dump=None))
-    with pytest.raises(FxShardError, match=r"init_runtime\(\).*before anything starts XLA"):
+    with pytest.raises(FxShardError, match=r"call fx_shard.init_runtime\(\) before anything else starts XLA"):
         xla.require_hlo_dump()
     assert xla.init_runtime(2, hlo_dump=False) == 2
     with pytest.raises(FxShardError, match="started without an HLO dump, not as hlo_dump=True asks"):
