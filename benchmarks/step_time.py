@@ -20,8 +20,9 @@ trainable parameters.
 The device count is fixed when a process's XLA runtime starts, so every mesh
 size runs in child processes: one for the five strategies that share a
 runtime, one for ``auto``. A child reports rows as JSON lines on stdout; its
-stderr (XLA's log) goes to a file, shown when the child fails. Progress is on
-stderr.
+stderr (XLA's log) goes to a file beside its HLO dump, in a temporary
+directory removed when the child ends (when it fails, the end of the log is
+shown and kept in the rows' ``log_tail``). Progress is on stderr.
 
 What is measured, per (model, size, devices, strategy, mode):
 
@@ -134,37 +135,40 @@ def run_group(items: list[Item], args: argparse.Namespace, progress: Progress, i
     while remaining:
         spec = {"items": [asdict(i) for i in remaining], "steps": args.steps, "warmup": args.warmup,
                 "max_seconds": args.max_seconds}
-        dump = tempfile.mkdtemp(prefix="fx_shard_bench_hlo_")
-        log = Path(tempfile.mkstemp(prefix="fx_shard_bench_", suffix=".log")[1])
-        env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_as_text"}
+        # The child's HLO dump and its stderr (XLA's log) in a directory of this run's, removed whatever happens.
+        scratch = Path(tempfile.mkdtemp(prefix="fx_shard_bench_"))
+        log = scratch / "worker.log"
+        env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={scratch / 'hlo'} --xla_dump_hlo_as_text"}
         if env.get("PJRT_DEVICE", "CPU") == "CPU":
             env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(remaining[0].devices))
         current = None
-        with log.open("w") as err:
-            proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                                    stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-            try:
-                current = _follow(proc, {i.key: i for i in remaining}, rows, progress, info)
-            finally:  # also on Ctrl-C: no orphaned child, no dump left behind
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                shutil.rmtree(dump, ignore_errors=True)
+        try:
+            with log.open("w") as err:
+                proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                                        stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+                try:
+                    current = _follow(proc, {i.key: i for i in remaining}, rows, progress, info)
+                finally:  # also on Ctrl-C: no orphaned child
+                    if proc.poll() is None:
+                        proc.kill()
+                    proc.wait()
+            tail = log.read_text(errors="replace").strip().splitlines()[-25:]
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         remaining = [i for i in remaining if i.key not in rows]
         if not remaining:
-            log.unlink(missing_ok=True)
             break
         # The child died. Inside a case: that case's unreported strategies failed and the rest get a
         # new process. Before any case (or between cases): everything left failed the same way.
-        tail = log.read_text(errors="replace").strip().splitlines()[-25:]
         reason = next((t for t in reversed(tail) if "Check failed" in t or "Error" in t), tail[-1] if tail else "")
         error = {"error": f"process exited with {proc.returncode}: {reason.strip()[:600]}", "log_tail": tail}
         crashed = [i for i in (current or []) if i.key not in rows] or remaining
         for item in crashed:
             rows[item.key] = {**asdict(item), **error}
         more = f" and {len(crashed) - 1} more" if len(crashed) > 1 else ""
+        log_tail = "\n".join(f"    {line}" for line in tail[-10:])
         progress.done(len(crashed), note=f"crashed: {crashed[0].label()}{more} (exit {proc.returncode}): "
-                                         f"{reason.strip()[:200]}; log {log}")
+                                         f"{reason.strip()[:200]}; the end of its log:\n{log_tail}")
         remaining = [i for i in remaining if i.key not in rows]
     return [rows[i.key] for i in items if i.key in rows]
 
@@ -227,15 +231,15 @@ def machine() -> dict:
 
 def run_pass_time(quick: bool) -> dict:
     """pass_time.py in a child process (no XLA there), with a profile of the largest model unless quick."""
-    out = Path(tempfile.mkstemp(prefix="fx_shard_pass_time_", suffix=".json")[1])
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "pass_time.py"), "--json", str(out)]
-    proc = subprocess.run(cmd + (["--quick"] if quick else ["--profile"]), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"pass_time.py exited with {proc.returncode}: {proc.stderr.strip().splitlines()[-1]}")
-    result = json.loads(out.read_text())
-    out.unlink()
-    return result
+    with tempfile.TemporaryDirectory(prefix="fx_shard_pass_time_") as scratch:
+        out = Path(scratch) / "pass_time.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "pass_time.py"), "--json", str(out)]
+        proc = subprocess.run(cmd + (["--quick"] if quick else ["--profile"]), cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or [""])[-1]
+            raise RuntimeError(f"pass_time.py exited with {proc.returncode}: {last}")
+        return json.loads(out.read_text())
 
 
 def main() -> None:

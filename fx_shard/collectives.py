@@ -7,7 +7,6 @@ pre-partition IR has no collectives, so the count comes from the HLO dump).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from fx_shard.hlo import (
     program_memory,
     program_signature,
 )
-from fx_shard.xla import hlo_dump_dir, xla_device
+from fx_shard.xla import xla_device
 
 __all__ = ["Collectives", "collectives", "device_parameter_bytes"]
 
@@ -79,14 +78,10 @@ def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] |
     gradients (the parameters' ``.grad`` are left as they were). When XLA
     already compiled the same program in this process it does not dump it
     again; the earlier dump is found by its content. Needs the HLO dump that
-    ``fx_shard.init_runtime`` sets up before the runtime starts.
+    ``fx_shard.init_runtime`` sets up when it starts the runtime (its
+    default; not with ``hlo_dump=False``).
     """
-    dump = hlo_dump_dir()
-    if dump is None or "--xla_dump_hlo_as_text" not in os.environ.get("XLA_FLAGS", ""):
-        raise FxShardError(
-            "collectives() reads XLA's HLO dump, but XLA_FLAGS has no --xla_dump_to=DIR --xla_dump_hlo_as_text; "
-            "call fx_shard.init_runtime() (or set those flags) before the XLA runtime starts"
-        )
+    dump = xla.require_hlo_dump()
     device = xla_device()
     moved_args, moved_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), (inputs, kwargs))
     params = list({id(p): p for p in model.parameters()}.values())

@@ -1,9 +1,10 @@
 """Collectives and memory read from XLA's HLO dump directory.
 
-torch_xla has no call that returns the SPMD-partitioned HLO, so fx_shard sets
-``XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"`` before the runtime
-starts and reads what XLA writes. This module only parses files: it never
-imports torch_xla, so it is safe in a process that must not start XLA.
+torch_xla has no call that returns the SPMD-partitioned HLO, so
+``fx_shard.init_runtime`` sets ``XLA_FLAGS="--xla_dump_to=DIR
+--xla_dump_hlo_as_text"`` while the runtime starts and fx_shard reads what
+XLA writes (``fx_shard.xla.hlo_dump_dir()``). This module only parses files:
+it never imports torch_xla, so it is safe in a process that must not start XLA.
 
 What the CPU backend writes (torch_xla 2.9.0, measured), per compiled program::
 

@@ -7,11 +7,14 @@ compile backend, checkpoints, collective counting) call the functions here.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import logging
 import os
 import re
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +29,7 @@ from fx_shard.sharding import layer_parameters, model_sharding
 __all__ = [
     "aot_mark_sharding", "global_tensor_from_shards", "hlo_dump_dir", "init_runtime", "local_shard_bytes",
     "make_mesh", "mark", "materialize", "mesh_for", "mesh_shape_of", "param_specs", "place_constraint",
-    "runtime_device_ids", "sync", "tensors_hlo", "to_device_keeping_ties", "xla_device",
+    "require_hlo_dump", "runtime_device_ids", "sync", "tensors_hlo", "to_device_keeping_ties", "xla_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,44 +50,172 @@ def _torch_xla():
     return torch_xla
 
 
-def init_runtime(num_devices: int | None = None) -> int:
+@dataclass(frozen=True)
+class _Runtime:
+    """What the runtime of this process started with: its device count and where XLA dumps HLO text (or None)."""
+
+    devices: int
+    dump: Path | None
+
+
+_runtime: _Runtime | None = None
+
+# What fx_shard sets only while the runtime starts (XLA reads them then), and restores after. PJRT_DEVICE
+# stays set: torch_xla reads it after the start too (xr.device_type()), and sets it itself on import.
+_RESTORED_AFTER_START = ("XLA_FLAGS", "CPU_NUM_DEVICES")
+_DUMP_TO = re.compile(r"--xla_dump_to=(\S+)")
+_AS_TEXT = "--xla_dump_hlo_as_text"
+
+
+def init_runtime(num_devices: int | None = None, *, hlo_dump: bool | str | os.PathLike | None = None) -> int:
     """Start the XLA runtime in SPMD mode and return its device count.
 
     With no ``PJRT_DEVICE`` set and no TPU attached, choose torch_xla's CPU
-    backend with ``num_devices`` virtual devices (default 8). The device count
-    is fixed once the runtime starts: a later call asking for another count
-    raises rather than silently using the first.
+    backend with ``num_devices`` virtual devices (default 8).
+
+    ``hlo_dump`` says where XLA writes the HLO text that
+    ``fx_shard.collectives`` counts in (XLA reads its flags once, when the
+    runtime starts):
+
+    - ``True``, and ``None`` (the default) when this call starts the runtime:
+      a new temporary directory ``fx_shard_hlo_*``, removed when the
+      interpreter exits (or the directory ``XLA_FLAGS`` already names with
+      ``--xla_dump_to``, left alone);
+    - a path: that directory, never removed;
+    - ``False``: no dump (``collectives`` then raises). This is how
+      ``make_mesh``, ``xla_device`` and ``shard`` start the runtime when
+      nothing started it before them: dumping costs compile time and disk.
+
+    ``XLA_FLAGS`` and ``CPU_NUM_DEVICES`` are set only while the runtime
+    starts and then restored, so child processes see the caller's values;
+    ``PJRT_DEVICE`` stays set (torch_xla reads it after the start).
+
+    The device count and the dump are fixed once the runtime starts: a later
+    call asking for another count or another dump raises rather than
+    silently using the first.
     """
-    if "PJRT_DEVICE" not in os.environ and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
-        os.environ["PJRT_DEVICE"] = "CPU"
-    if os.environ.get("PJRT_DEVICE") == "CPU":  # also when importing torch_xla chose the CPU
-        os.environ.setdefault("CPU_NUM_DEVICES", str(num_devices or DEFAULT_CPU_DEVICES))
-    if hlo_dump_dir() is None:
-        dump = tempfile.mkdtemp(prefix="fx_shard_hlo_")
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text".strip()
-    torch_xla = _torch_xla()
-    xr = torch_xla.runtime
-    if not xr.is_spmd():
-        xr.use_spmd()
-    count = xr.global_runtime_device_count()
+    global _runtime
+    if _runtime is None:
+        _runtime = _start(num_devices, hlo_dump)
+    count, dump = _runtime.devices, _runtime.dump
     if num_devices is not None and num_devices != count:
         raise FxShardError(
             f"the XLA runtime of this process has {count} devices, not {num_devices}; the count is read once "
-            f"when the runtime starts (CPU_NUM_DEVICES={os.environ.get('CPU_NUM_DEVICES')}): "
-            "start a new process for another size"
+            "when the runtime starts: start a new process for another size"
+        )
+    if hlo_dump is not None and not _same_dump(hlo_dump, dump):
+        started = f"dumping HLO text to {dump}" if dump is not None else "without an HLO dump"
+        raise FxShardError(
+            f"the XLA runtime of this process started {started}, not as hlo_dump={hlo_dump!r} asks; XLA reads "
+            "its flags once, when the runtime starts: start a new process for another dump"
         )
     return count
 
 
+def _started() -> _Runtime:
+    """This process's runtime; started without a dump if nothing started it (counting was not asked for)."""
+    global _runtime
+    if _runtime is None:
+        _runtime = _start(None, False)
+    return _runtime
+
+
+def _start(num_devices: int | None, hlo_dump: bool | str | os.PathLike | None) -> _Runtime:
+    """Start the runtime with the dump ``hlo_dump`` asks for, or take the one something else started."""
+    saved = {name: os.environ.get(name) for name in _RESTORED_AFTER_START}  # before torch_xla's import adds flags
+    if "PJRT_DEVICE" not in os.environ and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+        os.environ["PJRT_DEVICE"] = "CPU"
+    torch_xla = _torch_xla()
+    xr = torch_xla.runtime
+    if torch_xla._XLAC._xla_runtime_is_initialized():  # started before fx_shard: with the flags set then
+        if not xr.is_spmd():
+            xr.use_spmd()
+        return _Runtime(xr.global_runtime_device_count(), _dump_in(os.environ.get("XLA_FLAGS", "")))
+    try:
+        if os.environ.get("PJRT_DEVICE") == "CPU":  # also when importing torch_xla chose the CPU
+            os.environ.setdefault("CPU_NUM_DEVICES", str(num_devices or DEFAULT_CPU_DEVICES))
+        flags = os.environ["XLA_FLAGS"] = _with_dump(os.environ.get("XLA_FLAGS", ""), hlo_dump)
+        if not xr.is_spmd():
+            xr.use_spmd()
+        count = xr.global_runtime_device_count()  # starts the runtime, which reads XLA_FLAGS now (measured)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return _Runtime(count, _dump_in(flags))
+
+
+def _with_dump(flags: str, hlo_dump: bool | str | os.PathLike | None) -> str:
+    """``flags`` (XLA_FLAGS) with the dump ``hlo_dump`` asks for; a temporary directory is removed at exit."""
+    if hlo_dump is False:
+        return flags
+    if hlo_dump is None or hlo_dump is True:
+        if _dump_flag(flags) is None:
+            dump = Path(tempfile.mkdtemp(prefix="fx_shard_hlo_"))
+            atexit.register(_remove_dump, dump, os.getpid())
+            flags += f" --xla_dump_to={dump}"
+    else:
+        dump = Path(hlo_dump).expanduser().resolve()
+        dump.mkdir(parents=True, exist_ok=True)
+        flags = f"{_DUMP_TO.sub('', flags)} --xla_dump_to={dump}"
+    if _AS_TEXT not in flags:
+        flags += f" {_AS_TEXT}"
+    return " ".join(flags.split())
+
+
+def _dump_flag(flags: str) -> str | None:
+    """The directory ``--xla_dump_to`` names in ``flags`` (the last one, as XLA reads them), or None."""
+    found = _DUMP_TO.findall(flags)
+    return found[-1] if found else None
+
+
+def _dump_in(flags: str) -> Path | None:
+    """The directory XLA started with ``flags`` writes HLO text to, or None."""
+    named = _dump_flag(flags)
+    return Path(named) if named and _AS_TEXT in flags else None
+
+
+def _same_dump(wanted: bool | str | os.PathLike, dump: Path | None) -> bool:
+    if isinstance(wanted, bool):
+        return wanted == (dump is not None)
+    return dump is not None and Path(wanted).expanduser().resolve() == dump.resolve()
+
+
+def _remove_dump(dump: Path, owner: int) -> None:
+    """At exit, remove fx_shard's own dump directory (not from a forked child that inherited the hook)."""
+    if os.getpid() == owner:
+        shutil.rmtree(dump, ignore_errors=True)
+
+
 def hlo_dump_dir() -> Path | None:
-    """The directory ``XLA_FLAGS`` has XLA dump HLO text to, if any."""
-    match = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
-    return Path(match.group(1)) if match else None
+    """The directory this process's XLA writes HLO text to, as fixed when ``init_runtime`` started it.
+
+    None before the runtime started, or when it started without a dump.
+    """
+    return None if _runtime is None else _runtime.dump
+
+
+def require_hlo_dump() -> Path:
+    """``hlo_dump_dir()``, starting the runtime with a dump if nothing started it; else an ``FxShardError``
+    saying how to get one when it started without."""
+    init_runtime()
+    dump = hlo_dump_dir()
+    if dump is None:
+        raise FxShardError(
+            "fx_shard.collectives reads the HLO that XLA dumps, but this process's XLA runtime started without a "
+            "dump: make_mesh, xla_device and shard start it so unless fx_shard.init_runtime() came first (or it was "
+            "init_runtime(hlo_dump=False), or the runtime started outside fx_shard with no --xla_dump_to in "
+            "XLA_FLAGS). XLA reads its flags once, when the runtime starts: in a new process, call "
+            "fx_shard.init_runtime() before anything else starts XLA (init_runtime(hlo_dump=DIR) keeps the files)"
+        )
+    return dump
 
 
 def xla_device() -> torch.device:
-    """The XLA device (SPMD's single logical device), starting the runtime if needed."""
-    init_runtime()
+    """The XLA device (SPMD's single logical device), starting the runtime (without a dump) if needed."""
+    _started()
     return _torch_xla().device()
 
 
@@ -98,7 +229,7 @@ def make_mesh(tp: int | None = None, *, dp: int = 1, kv: int | None = None):
     """
     import numpy as np
 
-    count = init_runtime()
+    count = _started().devices
     xs = _torch_xla().distributed.spmd
     tp = tp if tp is not None else count // dp
     if dp * tp != count:

@@ -29,20 +29,28 @@ def test_ci_runs_the_readme_test_command():
 _XLA_ENV = ("PJRT_DEVICE", "CPU_NUM_DEVICES", "FX_SHARD_DEVICES", "TF_CPP_MIN_LOG_LEVEL")
 
 
-def run_cli(*args: str, code: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    """``fx-shard ARGS`` in a child process, which starts its own XLA runtime (or runs ``code``), with ``env`` added."""
-    env = {**{k: v for k, v in os.environ.items() if k not in _XLA_ENV}, **env}
+def run_cli(tmp: Path, *args: str, code: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``fx-shard ARGS`` in a child process (or ``code``), which starts its own XLA runtime, with ``env`` added
+    and ``tmp`` as its temp dir. A child that exits 0 leaves nothing of fx_shard's there (its HLO dump is
+    removed at exit)."""
+    env = {**{k: v for k, v in os.environ.items() if k not in _XLA_ENV}, **env, "TMPDIR": str(tmp)}
+    tmp.mkdir(exist_ok=True)
     command = ["-c", code, *args] if code else ["-m", "fx_shard.cli", *args]
-    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode == 0:
+        assert sorted(p.name for p in tmp.glob("fx_shard*")) == [], f"fx-shard {args[0]} left files in {tmp}"
+    return proc
 
 
 def test_checked_in_reports_are_current(tmp_path):
     # The reports under docs/reports are made at 8 devices, measured: regenerate them in a child with 8.
-    proc = run_cli("report", "all", "--devices", "8", "--measure", "--format", "markdown", "--output-dir", str(tmp_path))
+    out = tmp_path / "reports"
+    proc = run_cli(tmp_path / "tmp", "report", "all", "--devices", "8", "--measure", "--format", "markdown",
+                   "--output-dir", str(out))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     checked_in = sorted(p.name for p in (ROOT / "docs" / "reports").glob("*.md"))
-    assert checked_in == sorted(p.name for p in tmp_path.glob("*.md"))
-    stale = [name for name in checked_in if (ROOT / "docs" / "reports" / name).read_text() != (tmp_path / name).read_text()]
+    assert checked_in == sorted(p.name for p in out.glob("*.md"))
+    stale = [name for name in checked_in if (ROOT / "docs" / "reports" / name).read_text() != (out / name).read_text()]
     assert not stale, (
         f"docs/reports/{', '.join(stale)} stale; regenerate: "
         "fx-shard report all --devices 8 --measure --format markdown --output-dir docs/reports"
@@ -62,9 +70,9 @@ _DEMO_THEN_CHILD = (
 
 
 @pytest.mark.parametrize(("model", "devices", "log_level"), [("llama", 8, None), ("gpt2", 2, "0")])
-def test_demo_agrees_with_unsharded(model, devices, log_level):
+def test_demo_agrees_with_unsharded(model, devices, log_level, tmp_path):
     env = {} if log_level is None else {"TF_CPP_MIN_LOG_LEVEL": log_level}
-    proc = run_cli("demo", "--model", model, "--devices", str(devices), code=_DEMO_THEN_CHILD, **env)
+    proc = run_cli(tmp_path, "demo", "--model", model, "--devices", str(devices), code=_DEMO_THEN_CHILD, **env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     *lines, child = proc.stdout.splitlines()
     long = [line for line in lines if len(line) > cli.WIDTH]
@@ -92,7 +100,7 @@ def test_demo_agrees_with_unsharded(model, devices, log_level):
         assert child == f"child sees TF_CPP_MIN_LOG_LEVEL={log_level}"
 
 
-def test_help_imports_no_torch():
+def test_help_imports_no_torch(tmp_path):
     code = (
         "import sys\n"
         "from fx_shard.cli import main\n"
@@ -103,7 +111,7 @@ def test_help_imports_no_torch():
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torch_xla', 'tabulate', 'numpy')))\n"
     )
     for args in (["--help"], ["demo", "--help"], ["report", "--help"]):
-        proc = run_cli(*args, code=code)
+        proc = run_cli(tmp_path, *args, code=code)
         assert proc.returncode == 0, proc.stderr
         *help_text, imported = proc.stdout.splitlines()
         assert imported == "[]", (args, imported)
