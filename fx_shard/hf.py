@@ -122,7 +122,7 @@ def use_einsum_attention(model: nn.Module) -> str | None:
     own = {c._attn_implementation for c in configs if c._attn_implementation not in _NAMES.values()}
     if not own <= set(_NAMES):
         return f"attention implementation {sorted(own)}: kept (fx_shard replaces sdpa and eager only)"
-    branching = _branches_on_implementation(model)
+    branching = _branches_on_implementation(model, own)
     if branching:
         return f"{branching} chooses its code by config._attn_implementation: its own attention is kept"
     no_eager = next((type(m).__name__ for m in model.modules() if "eager" in own and hasattr(m, "config")
@@ -153,18 +153,32 @@ def _own_attention(module: nn.Module, implementation: str):
 _NAMES = {"sdpa": ATTENTION, "eager": f"{ATTENTION}_eager"}
 
 
-def _branches_on_implementation(model: nn.Module) -> str | None:
-    """The first model class whose module's source compares ``_attn_implementation`` to a name, if any."""
+def _branches_on_implementation(model: nn.Module, own: set[str]) -> str | None:
+    """The first model class whose modeling file branches on ``_attn_implementation`` being one of ``own``.
+
+    Renaming the implementation changes such a branch (Falcon compares it to
+    "sdpa"); a comparison with other names (GPT-2's ``== "eager"`` when the
+    model runs sdpa) comes out the same either way.
+    """
     for cls in dict.fromkeys(type(m) for m in model.modules()):
-        if cls.__module__.startswith("transformers.models.") and _compares_implementation(cls.__module__):
-            return cls.__name__
+        if cls.__module__.startswith("transformers.models."):
+            compared = _compared_names(cls.__module__)
+            if compared is None or compared & own:
+                return cls.__name__
     return None
 
 
 @functools.cache
-def _compares_implementation(module_name: str) -> bool:
+def _compared_names(module_name: str) -> frozenset[str] | None:
+    """The names a modeling file compares ``_attn_implementation`` with; None when it compares with anything else."""
     try:
         source = inspect.getsource(sys.modules[module_name])
     except (OSError, TypeError, KeyError):
-        return True
-    return re.search(r"_attn_implementation\s*(==|!=|\bin\b|\bnot in\b)", source) is not None
+        return None
+    names: set[str] = set()
+    for match in re.finditer(r"_attn_implementation\s*(?:==|!=|\bnot\s+in\b|\bin\b)\s*(\S[^\n:]*)", source):
+        literals = re.findall(r"[\"']([\w-]+)[\"']", match.group(1))
+        if not literals or not re.match(r"[\"'(\[{]", match.group(1)):
+            return None
+        names.update(literals)
+    return frozenset(names)

@@ -20,6 +20,8 @@ def _models():
                                                        **small)),
         # A relative position bias passed to every attention call: likewise.
         "t5": (t.T5Model, t.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=256)),
+        # GPT-2 compares the implementation's name with "eager" only: running sdpa, the einsum stands in for it.
+        "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(n_embd=64, n_layer=1, n_head=8, vocab_size=256, n_positions=32)),
         "llama": (t.LlamaForCausalLM, t.LlamaConfig(intermediate_size=128, num_attention_heads=8, num_key_value_heads=2, **small)),
     }
 
@@ -28,7 +30,7 @@ def _output(out):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-@pytest.mark.parametrize("name", ["falcon", "gemma2", "t5", "llama"])
+@pytest.mark.parametrize("name", ["falcon", "gemma2", "t5", "gpt2", "llama"])
 def test_attention_replacement_never_changes_the_function(name, monkeypatch):
     cls, config = _models()[name]
     torch.manual_seed(0)
@@ -41,8 +43,8 @@ def test_attention_replacement_never_changes_the_function(name, monkeypatch):
     real = fx_shard.hf.einsum_attention
     monkeypatch.setattr(fx_shard.hf, "einsum_attention", lambda *a, **k: einsum_calls.append(1) or real(*a, **k))
     torch.testing.assert_close(_output(gm(**kwargs)), expected, rtol=1e-5, atol=1e-5)
-    # Softcapping and T5's position bias are computed by the models' own functions; Llama's attention by the einsum.
-    assert len(einsum_calls) == (1 if name == "llama" else 0)
+    # Softcapping and T5's position bias are computed by the models' own functions; GPT-2's and Llama's by the einsum.
+    assert len(einsum_calls) == (1 if name in ("gpt2", "llama") else 0)
     notes = gm.meta["sharding"].notes
     if name == "falcon":
         assert notes == ("attention: FalconForCausalLM chooses its code by config._attn_implementation: "

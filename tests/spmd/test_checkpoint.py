@@ -324,7 +324,7 @@ def test_load_sharded_is_all_or_nothing(into, mesh, devices, monkeypatch):
     monkeypatch.setattr(checkpoint._Reader, "read", damaged)
     with pytest.raises(FxShardError, match=(
         r"reading checkpoint tensor 'lm_head.weight' failed \(OSError: unexpected end of file\); nothing was loaded, "
-        r"LlamaForCausalLM is as it was: check the checkpoint file"
+        r"Llama is as it was: check the checkpoint file"
     )):
         load_sharded(gm, models.build("llama", seed=1).state_dict(), mesh, model=meta)
     if before is None:
