@@ -92,6 +92,8 @@ def demo(model_name: str, devices: int | None = None, batch: int = 2, *, full: b
 
 def _demo_summary(name: str, cls: str, where: str, data: dict) -> list[str]:
     """The demo's first lines: what ran where, the layers, the collectives, the rewrites."""
+    from fx_shard.collectives import format_bytes
+
     blocks = sum(b["count"] for b in data["costs"]["collectives"]["blocks"] if b["block"])
     s = data["summary"]
     c = data["costs"]["collectives"]
@@ -102,7 +104,7 @@ def _demo_summary(name: str, cls: str, where: str, data: dict) -> list[str]:
     return [
         f"fx_shard demo: {name} (fx_shard.models.{cls}" + (f", {blocks} blocks" if blocks else "") + f") on {where}",
         f"- layers: {s['layers']} planned, {s['sharded']} sharded, {s['replicated']} replicated; parameters per "
-        f"device {_size(s['parameter_bytes_per_device'])} of {_size(s['parameter_bytes'])}",
+        f"device {format_bytes(s['parameter_bytes_per_device'])} of {format_bytes(s['parameter_bytes'])}",
         f"- collectives per forward, counted in XLA's partitioned HLO: {measured}"
         + (" (as predicted)" if measured == predicted else f" (predicted: {predicted})"),
         f"- nodes changed by the passes: {rewrites}; the other {len(data['diff']['passes']) - len(changed)} "
@@ -307,15 +309,6 @@ def _wrapped(lines: list[str], width: int) -> list[str]:
         indent = "  " if line.startswith("- ") else "    "
         out += textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False) or [""]
     return out
-
-
-def _size(n: int) -> str:
-    """``n`` bytes in B, KiB, MiB or GiB, one decimal."""
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 # -- the command line -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from fx_shard.hlo import (
 )
 from fx_shard.xla import xla_device
 
-__all__ = ["Collectives", "collectives", "device_parameter_bytes"]
+__all__ = ["Collectives", "collectives", "device_parameter_bytes", "format_bytes"]
 
 @dataclass(frozen=True)
 class Collectives(Mapping[str, int]):
@@ -65,8 +65,8 @@ class Collectives(Mapping[str, int]):
         """A short summary: ``Collectives(all-reduce=5; results 2.5 KiB per device; parameters 57.2 KiB per device)``."""
         found = self.nonzero()
         counts = ", ".join(f"{op}={n}" for op, n in found.items()) or "none"
-        results = f"; results {_size(sum(self.bytes.values()))} per device" if found else ""
-        return f"Collectives({counts}{results}; parameters {_size(self.parameter_bytes)} per device)"
+        results = f"; results {format_bytes(sum(self.bytes.values()))} per device" if found else ""
+        return f"Collectives({counts}{results}; parameters {format_bytes(self.parameter_bytes)} per device)"
 
 
 def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] | None = None, **kwargs) -> Collectives:
@@ -119,7 +119,7 @@ def collectives(model: nn.Module, *inputs, loss: Callable[[Any], torch.Tensor] |
     )
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
     """``n`` bytes in B, KiB, MiB or GiB, one decimal."""
     for unit in ("B", "KiB", "MiB"):
         if n < 1024:
