@@ -95,7 +95,8 @@ def init_runtime(num_devices: int | None = None, *, hlo_dump: bool | str | os.Pa
     silently using the first.
     """
     global _runtime
-    if _runtime is None:
+    starting = _runtime is None
+    if starting:
         _runtime = _start(num_devices, hlo_dump)
     count, dump = _runtime.devices, _runtime.dump
     if num_devices is not None and num_devices != count:
@@ -103,7 +104,8 @@ def init_runtime(num_devices: int | None = None, *, hlo_dump: bool | str | os.Pa
             f"the XLA runtime of this process has {count} devices, not {num_devices}; the count is read once "
             "when the runtime starts: start a new process for another size"
         )
-    if hlo_dump is not None and not _same_dump(hlo_dump, dump):
+    # Starting, False is met even when the user's own XLA_FLAGS dump: fx_shard added none.
+    if hlo_dump is not None and not (starting and hlo_dump is False) and not _same_dump(hlo_dump, dump):
         started = f"dumping HLO text to {dump}" if dump is not None else "without an HLO dump"
         raise FxShardError(
             f"the XLA runtime of this process started {started}, not as hlo_dump={hlo_dump!r} asks; XLA reads "

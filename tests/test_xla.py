@@ -85,6 +85,10 @@ def test_a_runtime_started_on_the_way_does_not_dump(monkeypatch):
     with pytest.raises(FxShardError):
         xla.require_hlo_dump()
     assert asked == [False, None]  # None: init_runtime's default, a dump
+    # Started with hlo_dump=False while the user's XLA_FLAGS name a dump: theirs is read, and that is no conflict.
+    monkeypatch.setattr(xla, "_start", lambda devices, hlo_dump: xla._Runtime(8, xla.Path("/theirs")))
+    monkeypatch.setattr(xla, "_runtime", None)
+    assert xla.init_runtime(hlo_dump=False) == 8 and xla.hlo_dump_dir() == xla.Path("/theirs")
 
 
 def test_collectives_without_a_dump_says_how_to_get_one(monkeypatch, tmp_path):
