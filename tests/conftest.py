@@ -8,3 +8,12 @@ pytest per mesh size (2, 4, 8), with ``FX_SHARD_DEVICES`` set.
 import os
 
 collect_ignore = [] if os.environ.get("FX_SHARD_DEVICES") else ["spmd"]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The spmd children's own counts (test_spmd.py runs each as one test)."""
+    results = getattr(config, "fx_shard_spmd_results", None)
+    if results:
+        terminalreporter.section("tests/spmd in child processes")
+        for devices, summary in sorted(results.items()):
+            terminalreporter.write_line(f"{devices} devices: {summary}")
