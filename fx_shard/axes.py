@@ -18,6 +18,7 @@ __all__ = [
     "axis_size",
     "fitting_axes",
     "local_shape",
+    "spec_text",
     "split_sub_axis",
     "sub_axis",
 ]
@@ -80,3 +81,8 @@ def local_shape(shape: torch.Size | tuple[int, ...], spec: Spec | None, mesh_sha
     if spec is None:
         return tuple(shape)
     return tuple(math.ceil(size / axis_size(mesh_shape, axis)) for size, axis in zip(shape, spec))
+
+
+def spec_text(spec: Spec) -> str:
+    """A partition spec as ``(tp, -)``: the mesh axes of each dimension, ``-`` where it is whole."""
+    return "(" + ", ".join("-" if a is None else a if isinstance(a, str) else "×".join(a) for a in spec) + ")"

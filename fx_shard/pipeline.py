@@ -41,7 +41,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase
 
-from fx_shard.axes import Axis, Spec, axis_size
+from fx_shard.axes import Axis, Spec, axis_size, spec_text
 from fx_shard.capture import (
     Captured,
     capture_parts,
@@ -291,7 +291,7 @@ class Pipeline:
         _check_tied(root, layers)
         if logger.isEnabledFor(logging.INFO):
             for path, record in layers.items():
-                specs = ", ".join(f"{name} {_spec_text(spec)}" for name, spec in record.specs.items()) or "replicated"
+                specs = ", ".join(f"{name} {spec_text(spec)}" for name, spec in record.specs.items()) or "replicated"
                 logger.info("layer %s: %s, %s; %s", path, record.style, specs, record.source)
         summary = ModelSharding(
             self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside),
@@ -371,11 +371,6 @@ def _same_plan(plan: ShardPlan, data: Mapping | None) -> bool:
     """Whether ``plan`` is the plan ``data`` (``ShardPlan.to_dict()``) describes, entries in the same order."""
     ours = plan.to_dict()
     return data is not None and ours == data and list(ours["entries"]) == list(data["entries"])
-
-
-def _spec_text(spec: Spec) -> str:
-    """A partition spec as ``(tp, -)``: the mesh axis of each dimension, ``-`` where it is whole."""
-    return "(" + ", ".join("-" if a is None else a if isinstance(a, str) else "×".join(a) for a in spec) + ")"
 
 
 def _on_meta(root: nn.Module) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from fx_shard.axes import spec_text
 from fx_shard.hlo import COLLECTIVE_OPS
 
 # Rows shown per pass in the diff tables (after folding); the JSON form has every row.
@@ -286,9 +287,7 @@ def _count(n: int) -> str:
 
 def _spec(spec: list[Any]) -> str:
     """A JSON spec as "(tp, -)", or "replicated" when no dimension is split."""
-    if not any(spec):
-        return "replicated"
-    return "(" + ", ".join("-" if a is None else a if isinstance(a, str) else "×".join(a) for a in spec) + ")"
+    return spec_text(spec) if any(spec) else "replicated"
 
 
 def _shape(shape: Sequence[int]) -> str:
