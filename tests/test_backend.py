@@ -232,3 +232,28 @@ def test_backend_refuses_a_model_and_inputs_on_the_cpu():
     )):
         compiled(*models.example_inputs("gpt2"))
     assert backend.graphs == []
+
+
+class OffsetPositions(nn.Embedding):
+    """OPT's and Bart's learned positions: an nn.Embedding whose forward takes other arguments first."""
+
+    def forward(self, past: int, position_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(position_ids + past + 2)
+
+
+class WithPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positions = OffsetPositions(20, 16)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x, position_ids):
+        return self.proj(x + self.positions(1, position_ids))
+
+
+def test_a_layer_whose_forward_is_its_own_stays_inlined():
+    model, x, positions = WithPositions(), torch.randn(2, 5, 16), torch.arange(5).expand(2, 5)
+    (_, _, _, left, gm), out = fold_twice(model, x, positions)
+    torch.testing.assert_close(out, model(x, positions))
+    assert set(left) == {"positions"} and "OffsetPositions.forward is its own" in left["positions"]
+    assert [n.target for n in gm.graph.find_nodes(op="call_module")] == ["proj"]
