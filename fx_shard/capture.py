@@ -107,12 +107,18 @@ def capture(model: nn.Module, concrete_args: Mapping[str, object] | None = None)
 
 def _trace(model: nn.Module, concrete_args: Mapping[str, object] | None) -> fx.Graph:
     try:
-        return LinearLeafTracer().trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+        graph = LinearLeafTracer().trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as e:
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
             "Shard a sub-module that traces, or remove data-dependent control flow from forward."
         ) from e
+    # torch.fx names a specialized argument's placeholder ``name_1``; a parent passing it by keyword needs ``name``.
+    for node in graph.find_nodes(op="placeholder"):
+        name = node.target.rpartition("_")[0]
+        if concrete_args and name in concrete_args and not isinstance(concrete_args[name], tuple):
+            node.target = name
+    return graph
 
 
 def _reads_training(model: nn.Module) -> bool:
@@ -303,10 +309,14 @@ def record_part_inputs(captured: Captured, args: tuple, kwargs: dict) -> dict[st
     recorded: dict[str, tuple] = {}
     hooks = []
     for path, gm in captured.parts.items():
-        names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+        placeholders = gm.graph.find_nodes(op="placeholder")
 
-        def hook(module, hook_args, hook_kwargs, path=path, names=names):
-            values = list(hook_args) + [hook_kwargs[n] for n in names[len(hook_args):] if n in hook_kwargs]
+        def hook(module, hook_args, hook_kwargs, path=path, placeholders=placeholders):
+            values = list(hook_args)
+            for node in placeholders[len(hook_args):]:  # by name, else the default (a missing one would shift the rest)
+                if node.target not in hook_kwargs and not node.args:
+                    break
+                values.append(hook_kwargs[node.target] if node.target in hook_kwargs else node.args[0])
             recorded.setdefault(path, tuple(values))
 
         hooks.append(gm.register_forward_pre_hook(hook, with_kwargs=True))

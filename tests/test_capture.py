@@ -142,6 +142,36 @@ def test_non_tensor_arguments_are_specialized_and_asserted():
         gm.block(x, None, 3.0)
 
 
+def test_specialized_arguments_keep_their_names_for_callers_passing_them_by_keyword():
+    """RoBERTa's parent passes position_ids=None by name; torch.fx would name the argument position_ids_1."""
+    import inspect
+
+    import fx_shard
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x, bias=None, mask=None, scale=1.0):
+            y = self.fc(x) if mask is None else self.fc(x) * mask
+            return (y if bias is None else y + bias) * scale
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            y = self.block(x, mask=x, scale=2.0)  # bias left to its default, mask a tensor after it, by keyword
+            return -y if x.sum() > 0 else y  # untraceable branch: traced part by part
+
+    model, x = Outer(), torch.ones(2, 8)
+    gm = fx_shard.transform(model, {"block.fc": "colwise"}, mesh_shape={"tp": 2}, example_inputs=(x,))
+    torch.testing.assert_close(gm(x), model(x))
+    assert list(inspect.signature(gm.block.forward).parameters) == ["x", "bias", "mask", "scale"]
+
+
 def test_tensor_attributes_do_not_become_checkpoint_keys():
     """A tensor kept as a plain attribute becomes a graph constant: non-persistent, as it was not in the state_dict."""
     import fx_shard
