@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fx_shard import styles
-from fx_shard.axes import Axis, axis_names, axis_size
+from fx_shard.axes import Axis, Spec, axis_names, axis_size
 from fx_shard.errors import PlanError
 from fx_shard.sharding import ShardingRecord, SourceKind
 from fx_shard.styles import LayerPlan, Replicate
@@ -157,6 +157,7 @@ class ShardPlan:
         unused = [p for p in self.entries if p not in used]
         if unused:
             raise PlanError(_unmatched_message(unused, list(modules)))
+        _follow_tied(records, modules, ways, tp_axis)
         uncovered = [n for n, r in records.items() if r.source_kind is SourceKind.DEFAULT]
         if uncovered:
             logger.info("replicated, no rule covers them: %s", ", ".join(uncovered))
@@ -259,6 +260,33 @@ def _record(name: str, module: nn.Module, decision: Decision, ways: int, axis: A
         layer.style, style.param_specs(module, axis), decision.reason, sizes,
         output_spec=() if layer.gather_output else None, source_kind=decision.kind,
     )
+
+
+def _follow_tied(records: dict[str, ShardingRecord], modules: Mapping[str, nn.Module], ways: int, axis: Axis) -> None:
+    """A layer no rule covers takes the sharding of a decided layer it shares its weight with (tied weights).
+
+    T5's ``shared`` embedding is the tensor of ``encoder.embed_tokens``, which is planned vocabulary-parallel:
+    replicating one and sharding the other cannot both hold. The style taken is the first that applies to the
+    layer and gives the weight the same spec (``vocab`` for an embedding tied to an ``lm_head``).
+    """
+    decided: dict[int, tuple[str, Spec | None]] = {}
+    for name, record in records.items():
+        weight = getattr(modules[name], "weight", None)
+        if record.source_kind is not SourceKind.DEFAULT and weight is not None:
+            decided.setdefault(id(weight), (name, record.specs.get("weight")))
+    for name, record in records.items():
+        module = modules[name]
+        other = decided.get(id(getattr(module, "weight", None)))
+        if record.source_kind is not SourceKind.DEFAULT or other is None or other[1] is None:
+            continue
+        for style in styles.registered():
+            if not style.fused and style.shards and style.param_specs(module, axis).get("weight") == other[1]:
+                try:
+                    records[name] = _record(name, module, Decision(LayerPlan(style.name), SourceKind.INFERRED,
+                                                                   f"tied to {other[0]}, its weight"), ways, axis)
+                except PlanError:
+                    continue
+                break
 
 
 def _unmatched_message(unused: list[str], names: list[str]) -> str:
