@@ -10,6 +10,18 @@ import fx_shard
 DEVICES = int(os.environ["FX_SHARD_DEVICES"])
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "devices(n): run only in the child whose mesh has n devices (the suite's time budget)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect (not skip) tests marked for another device count: each runs once, in the child it names."""
+    elsewhere = [item for item in items if (mark := item.get_closest_marker("devices")) and mark.args[0] != DEVICES]
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [item for item in items if item not in elsewhere]
+
+
 @pytest.fixture(scope="session")
 def devices() -> int:
     return fx_shard.init_runtime(DEVICES)
