@@ -157,3 +157,10 @@ def test_test_extra_pins_the_torchvision_built_for_the_pinned_torch():
     wants = [Requirement(r) for r in importlib.metadata.requires("torchvision")]
     assert next(r.specifier for r in wants if r.name == "torch") == torch.specifier
 
+
+def test_tpu_extra_is_torch_xlas_own_for_the_pinned_version():
+    """``pip install -e ".[tpu]"`` pulls torch_xla's ``tpu`` extra (libtpu) of the torch_xla fx_shard pins."""
+    dependencies, extras = _requirements()
+    torch_xla = next(r for r in dependencies if r.name == "torch_xla")
+    assert [(r.name, r.extras, r.specifier) for r in extras["tpu"]] == [("torch_xla", {"tpu"}, torch_xla.specifier)]
+    assert "tpu" in importlib.metadata.metadata("torch_xla").get_all("Provides-Extra")
