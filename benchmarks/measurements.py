@@ -187,7 +187,7 @@ def install_section() -> list[str]:
         "## Disk taken by the install",
         "",
         "Installed files of each distribution that fx_shard's requirements pull in here (from its RECORD),",
-        f"torch {torch.__version__} from PyPI, Python {platform.python_version()}, {platform.machine()}:",
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}:",
         "",
         tabulate(rows, ["what", "GiB"], tablefmt="github", disable_numparse=True),
         "",
