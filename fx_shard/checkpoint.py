@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import fx, nn
 
 from fx_shard import xla
@@ -303,9 +304,8 @@ class _Reader:
             self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
             self.dtypes = {k: v.dtype for k, v in self._tensors.items()}
             return
-        safe_open = _safe_open()
         for path in _files(source):
-            handle = stack.enter_context(_open_safetensors(safe_open, path))
+            handle = stack.enter_context(_open_safetensors(path))
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 if key in self._files:
                     raise FxShardError(f"checkpoint key {key!r} is in more than one file (second: {path})")
@@ -357,7 +357,7 @@ def _torch_dtype(name: str, key: str, path: Path) -> torch.dtype:
     return dtype
 
 
-def _open_safetensors(safe_open, path: Path):
+def _open_safetensors(path: Path):
     """``safe_open(path)``, or an error saying what the file is when it is not a safetensors file."""
     try:
         return safe_open(str(path), framework="pt", device="cpu")
@@ -382,17 +382,6 @@ def _open_safetensors(safe_open, path: Path):
 def _open(source: Source) -> Iterator[_Reader]:
     with ExitStack() as stack:
         yield _Reader(stack, source)
-
-
-def _safe_open():
-    try:
-        from safetensors import safe_open
-    except ImportError as e:
-        raise FxShardError(
-            "loading .safetensors files needs the safetensors package: `pip install safetensors` "
-            "(or pass a state_dict)"
-        ) from e
-    return safe_open
 
 
 def _files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:

@@ -1,8 +1,8 @@
 """Collectives of one forward, read from the partitioned per-device HLO.
 
 ``collectives(gm, *inputs)`` runs the forward once on the XLA device,
-compiles it, and counts what XLA's SPMD partitioner inserted (design.md: the
-pre-partition IR has no collectives, so the count comes from the HLO dump).
+compiles it, and counts what XLA's SPMD partitioner inserted (the HLO before
+partitioning has no collectives, docs/measurements.md: the count comes from the dump).
 """
 
 from __future__ import annotations

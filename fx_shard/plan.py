@@ -289,11 +289,29 @@ def _follow_tied(records: dict[str, ShardingRecord], modules: Mapping[str, nn.Mo
                 break
 
 
+_GLOB = re.compile(r"[*?[]")
+
+
 def _unmatched_message(unused: list[str], names: list[str]) -> str:
+    """The entries that matched nothing, each with close layer names (close globs for a glob), and the layers."""
     lines = [f"plan entries match no linear-like layer: {', '.join(repr(p) for p in unused)}"]
     for pattern in unused:
-        close = difflib.get_close_matches(pattern, names, n=3)
+        is_glob = _GLOB.search(pattern) and not pattern.startswith("re:")
+        close = difflib.get_close_matches(pattern, _glob_candidates(names) if is_glob else names, n=3)
         if close:
             lines.append(f"  {pattern!r}: did you mean {', '.join(close)}?")
     lines.append(f"  the layers are: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
     return "\n".join(lines)
+
+
+def _glob_candidates(names: list[str]) -> list[str]:
+    """Globs that match layers, to suggest for a glob that matches none: ``*.`` and each ending of a name
+    after its last block index (``*.q_proj``, ``*.self_attn.q_proj``), and the name with its block indices
+    as ``*`` (``model.layers.*.self_attn.q_proj``). Compared with whole names, a glob is close to none."""
+    found: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")
+        last_index = max((i for i, part in enumerate(parts) if part.isdigit()), default=0)
+        found.update(dict.fromkeys("*." + ".".join(parts[i:]) for i in range(last_index + 1, len(parts))))
+        found[".".join("*" if part.isdigit() else part for part in parts)] = None
+    return list(found)

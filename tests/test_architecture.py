@@ -1,7 +1,13 @@
-"""The layout rules of docs/architecture.md: no import cycles, one door to torch_xla, one pipeline."""
+"""The layout rules of docs/architecture.md (no import cycles, one door to torch_xla, one pipeline) and what
+pyproject.toml must declare for a plain install and the test command."""
 
 import ast
+import importlib.metadata
+import re
+import sys
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,7 +110,57 @@ def test_no_style_name_spelled_outside_the_styles():
 
 def test_every_package_is_installed():
     """pyproject.toml lists each package folder, or a regular install would leave it out."""
-    import tomllib
-
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
     assert listed == {name for name, path in _modules().items() if path.name == "__init__.py"}
+
+
+def _pyproject() -> dict:
+    import tomllib  # Python 3.11+
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirements() -> tuple[list, dict[str, list]]:
+    """pyproject.toml's dependencies and optional dependencies, as ``packaging`` requirements."""
+    project = _pyproject()["project"]
+    extras = {name: [Requirement(r) for r in reqs] for name, reqs in project["optional-dependencies"].items()}
+    return [Requirement(r) for r in project["dependencies"]], extras
+
+
+def test_packages_the_tests_import_are_installed_by_the_test_command():
+    """Every third-party module tests/ imports comes from a dependency or the ``test`` extra (what
+    ``pip install -e ".[test]"`` installs), not from whatever else the machine happens to have."""
+    canonical = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    dependencies, extras = _requirements()
+    declared = {canonical(r.name) for r in [*dependencies, *extras["test"]]}
+    local = {"fx_shard", "tests"} | {p.stem for p in (ROOT / "tests").rglob("*.py")}
+    distributions = importlib.metadata.packages_distributions()
+    missing = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for top in {n.split(".")[0] for n in names} - local - set(sys.stdlib_module_names):
+                if not {canonical(d) for d in distributions.get(top, [top])} & declared:
+                    missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, f"imported by tests, in neither dependencies nor the test extra: {sorted(missing)}"
+
+
+def test_test_extra_pins_the_torchvision_built_for_the_pinned_torch():
+    """timm needs torchvision. Unpinned, pip tries the newest torchvision first, each release wanting another
+    torch than the pinned one, and backtracks through them; pinned to the one built for our torch, it does not."""
+    dependencies, extras = _requirements()
+    torch = next(r for r in dependencies if r.name == "torch")
+    vision = next((r for r in extras["test"] if r.name == "torchvision"), None)
+    assert vision is not None, "the test extra does not pin torchvision"
+    assert str(vision.specifier) == f"=={importlib.metadata.version('torchvision')}"
+    wants = [Requirement(r) for r in importlib.metadata.requires("torchvision")]
+    assert next(r.specifier for r in wants if r.name == "torch") == torch.specifier
+
+
+def test_tpu_extra_is_torch_xlas_own_for_the_pinned_version():
+    """``pip install -e ".[tpu]"`` pulls torch_xla's ``tpu`` extra (libtpu) of the torch_xla fx_shard pins."""
+    dependencies, extras = _requirements()
+    torch_xla = next(r for r in dependencies if r.name == "torch_xla")
+    assert [(r.name, r.extras, r.specifier) for r in extras["tpu"]] == [("torch_xla", {"tpu"}, torch_xla.specifier)]
+    assert "tpu" in importlib.metadata.metadata("torch_xla").get_all("Provides-Extra")

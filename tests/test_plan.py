@@ -74,6 +74,19 @@ def test_entry_matching_nothing_is_an_error_with_suggestions():
     assert "did you mean layers.0.attn.q_proj?" in str(info.value)
 
 
+def test_glob_matching_nothing_suggests_globs_that_match():
+    # Compared with whole names, '*.q_projj' is close to none; compared with globs the layers answer to, it is.
+    modules = {f"model.layers.{i}.attn.{p}": nn.Linear(8, 8) for i in range(4) for p in ("q_proj", "o_proj")}
+    with pytest.raises(PlanError) as info:
+        ShardPlan({"*.q_projj": "colwise", "model.layers.*.attn.o_prj": "rowwise"}).resolve(modules, MESH, "tp")
+    lines = str(info.value).splitlines()
+    assert lines[1] == "  '*.q_projj': did you mean *.q_proj, *.o_proj, *.attn.q_proj?"
+    assert lines[2] == "  'model.layers.*.attn.o_prj': did you mean model.layers.*.attn.o_proj, model.layers.*.attn.q_proj, *.attn.o_proj?"
+    # Each suggestion is a plan key that would match.
+    for suggestion in ("*.q_proj", "*.o_proj", "*.attn.q_proj", "*.attn.o_proj", "model.layers.*.attn.o_proj"):
+        assert ShardPlan({suggestion: "colwise"}).resolve(modules, MESH, "tp")
+
+
 def test_indivisible_dimension_names_module_value_and_way_out():
     with pytest.raises(PlanError, match=r"output features \(6\) of mlp.fc are not divisible by mesh axis 'tp' \(4\); use a mesh axis of 1, 2, 3"):
         ShardPlan({"mlp.fc": "colwise"}).resolve({"mlp.fc": nn.Linear(8, 6)}, MESH, "tp")

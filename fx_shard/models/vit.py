@@ -2,8 +2,8 @@
 
 Attention is written by hand (``(q * scale) @ k^T``, softmax, ``@ v``) after
 timm's fused ``attn.qkv`` reshaped to ``(3, B, H, N, hd)`` and unbound: the
-layout measured in design.md, which fx_shard must split and rewire so that
-no all-gather is left.
+layout fx_shard must split and rewire so that no all-gather is left
+(docs/collectives.md: sharded as one fused weight, or split as vLLM does, it keeps them).
 """
 
 from __future__ import annotations
