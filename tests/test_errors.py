@@ -138,20 +138,24 @@ def test_fused_options_on_a_style_that_does_not_take_them():
         fx_shard.transform(layer, {"0": {"style": "merged_colwise", "num_heads": 4}}, mesh_shape={"tp": 4})
 
 
-@pytest.mark.parametrize("wte", ["replicate", None])
-def test_tied_weight_sharded_by_one_layer_and_replicated_by_the_other(wte):
-    plan = {k: v for k, v in PLANS["gpt2"].items() if k != "transformer.wte"}
-    if wte is not None:
-        plan["transformer.wte"] = wte
-    how = "plan entry 'transformer.wte'" if wte else "no rule covers it"
+def test_tied_weight_sharded_by_one_layer_and_replicated_by_the_other():
+    plan = {**PLANS["gpt2"], "transformer.wte": "replicate"}
     with pytest.raises(PlanError, match=(
-        rf"transformer.wte.weight and lm_head.weight are one tensor \(tied weights\), but transformer.wte \(replicate, {how}\) "
-        r"replicates it and lm_head \(lm_head, plan entry 'lm_head'\) shards it \('tp', None\); give both layers styles "
-        r"that shard it alike: 'vocab' on the embedding with 'lm_head' on the head, or 'replicate' on both"
+        r"transformer.wte.weight and lm_head.weight are one tensor \(tied weights\), but transformer.wte \(replicate, "
+        r"plan entry 'transformer.wte'\) replicates it and lm_head \(lm_head, plan entry 'lm_head'\) shards it "
+        r"\('tp', None\); give both layers styles that shard it alike: 'vocab' on the embedding with 'lm_head' on the "
+        r"head, or 'replicate' on both"
     )):
         fx_shard.transform(models.build("gpt2", device="meta"), plan, mesh_shape={"tp": 2})
     plan["transformer.wte"], plan["lm_head"] = "replicate", "replicate"
     fx_shard.transform(models.build("gpt2", device="meta"), plan, mesh_shape={"tp": 2})
+
+
+def test_a_tied_layer_no_rule_covers_follows_the_layer_it_shares_its_weight_with():
+    plan = {k: v for k, v in PLANS["gpt2"].items() if k != "transformer.wte"}
+    gm = fx_shard.transform(models.build("gpt2", device="meta"), plan, mesh_shape={"tp": 2})
+    record = gm.meta["sharding"].layers["transformer.wte"]
+    assert (record.style, dict(record.specs), record.source) == ("vocab", {"weight": ("tp", None)}, "tied to lm_head, its weight")
 
 
 def test_no_rule_covering_any_layer_warns():
