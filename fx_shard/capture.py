@@ -38,6 +38,7 @@ __all__ = [
     "generate_code",
     "is_linear_like",
     "linear_like_modules",
+    "own_forward",
     "propagate_shapes",
     "record_part_inputs",
 ]
@@ -46,6 +47,24 @@ __all__ = [
 def is_linear_like(module: nn.Module) -> bool:
     """Whether fx_shard plans this module as one layer."""
     return isinstance(module, (nn.Linear, nn.Embedding)) or styles.for_class(module) is not None or is_transposed_linear(module)
+
+
+def own_forward(module: nn.Module) -> str | None:
+    """The class that overrides the forward of linear-like ``module``'s base, or None when its forward is known.
+
+    Known: nn.Linear's, nn.Embedding's, Conv1D's and the styles' vLLM classes, which compute ``x @ W.T (+ b)``
+    or a lookup from their first argument. A rewrite that replaces a layer (a fused layer split into parts) or
+    calls it with one value is exact only for those: OPT's learned positions subclass nn.Embedding with
+    ``forward(attention_mask, ..., position_ids)``.
+    """
+    if styles.for_class(module) is not None or is_transposed_linear(module):
+        return None
+    for cls in type(module).__mro__:
+        if cls in (nn.Linear, nn.Embedding):
+            return None
+        if "forward" in vars(cls):
+            return cls.__name__
+    return None
 
 
 class LinearLeafTracer(fx.Tracer):

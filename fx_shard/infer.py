@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fx_shard.capture import is_linear_like
+from fx_shard.capture import is_linear_like, own_forward
 from fx_shard.geometry import in_features, out_features
 from fx_shard.ops import batched_matmul, einsum_attention
 from fx_shard.patterns import (
@@ -181,7 +181,8 @@ def _pair(
 ) -> dict[str, Decision]:
     """Column decision for ``node`` and row decisions for its partners, or replication when ``ways`` does not divide."""
     outputs = out_features(module)
-    fused = _fused_layout(node, outputs)
+    # A fused layer is replaced by its parts; one whose forward is its own would lose it: sharded as one then.
+    fused = _fused_layout(node, outputs) if own_forward(module) is None else None
     partners = ", ".join(rows)
     if fused is not None:
         style, sizes, how = fused

@@ -31,6 +31,7 @@ from torch import nn
 
 from fx_shard import styles
 from fx_shard.axes import Axis, Spec, axis_names, axis_size
+from fx_shard.capture import own_forward
 from fx_shard.errors import PlanError
 from fx_shard.sharding import ShardingRecord, SourceKind
 from fx_shard.styles import LayerPlan, Replicate
@@ -255,6 +256,12 @@ def _record(name: str, module: nn.Module, decision: Decision, ways: int, axis: A
         unsized = style.unsized(name, module)
         if unsized is not None:
             raise PlanError(f"{unsized} ({decision.reason})")
+    own = own_forward(module) if style.fused else None
+    if own is not None:
+        raise PlanError(
+            f"{name} ({type(module).__name__}): style {layer.style!r} rewrites the layer as one linear per part, and "
+            f"{own}.forward is its own, which the rewrite would drop; use 'colwise' (the layer sharded as it is) or 'replicate'"
+        )
     sizes = style.check(name, module, layer, ways, axis)
     return ShardingRecord(
         layer.style, style.param_specs(module, axis), decision.reason, sizes,

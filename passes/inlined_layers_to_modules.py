@@ -9,10 +9,8 @@ from collections.abc import Mapping, Sequence
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fx_shard import styles
-from fx_shard.capture import is_linear_like
+from fx_shard.capture import is_linear_like, own_forward
 from fx_shard.errors import CaptureError
-from fx_shard.geometry import is_transposed_linear
 from fx_shard.passes.utils import result
 
 __all__ = ["InlinedLayersToModules"]
@@ -78,9 +76,9 @@ class InlinedLayersToModules(PassBase):
             self.left_inlined[path] = why
             logger.info("%s left inlined: %s", path, why)
             return False
-        own_forward = _own_forward(module)
-        if own_forward:
-            why = (f"{own_forward}.forward is its own (not nn.Linear's or nn.Embedding's): the value its call reads "
+        own = own_forward(module)
+        if own:
+            why = (f"{own}.forward is its own (not nn.Linear's or nn.Embedding's): the value its call reads "
                    "need not be its first argument, so the call is kept as dynamo traced it")
             self.left_inlined[path] = why
             logger.info("%s left inlined: %s", path, why)
@@ -107,23 +105,6 @@ class InlinedLayersToModules(PassBase):
         for node in reversed(nodes):
             graph.erase_node(node)
         return True
-
-
-def _own_forward(module: nn.Module) -> str | None:
-    """The class that overrides the forward of ``module``'s linear-like base, or None when the forward is known.
-
-    A fold calls ``module(x)`` with the one value the call read, which is right only for forwards that take
-    that value first: nn.Linear's, nn.Embedding's, Conv1D's and the styles' vLLM classes. OPT's and Bart's
-    learned position embeddings subclass nn.Embedding with ``forward(attention_mask, ..., position_ids)``.
-    """
-    if styles.for_class(module) is not None or is_transposed_linear(module):
-        return None
-    for cls in type(module).__mro__:
-        if cls in (nn.Linear, nn.Embedding):
-            return None
-        if "forward" in vars(cls):
-            return cls.__name__
-    return None
 
 
 def _components(nodes: list[fx.Node]) -> list[list[fx.Node]]:

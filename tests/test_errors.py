@@ -190,3 +190,37 @@ def test_shard_model_on_a_model_still_on_the_cpu():
     )):
         fx_shard.shard_model(model, mesh)
     assert not any(type(m).__name__ == "SplitLinear" for m in model.modules()), "nothing was changed"
+
+
+class _LoraLinear(torch.nn.Linear):
+    """A linear whose forward adds a low-rank update: replacing it by split parts would drop the update."""
+
+    def __init__(self, features: int, out: int) -> None:
+        super().__init__(features, out)
+        self.down, self.up = torch.nn.Parameter(torch.randn(2, features)), torch.nn.Parameter(torch.randn(out, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x @ self.down.T @ self.up.T
+
+
+def test_a_fused_style_on_a_layer_whose_forward_is_its_own_is_refused():
+    model = torch.nn.Sequential(_LoraLinear(16, 48))
+    with pytest.raises(PlanError, match=r"0 \(_LoraLinear\): style 'qkv' rewrites the layer as one linear per part, and "
+                                        r"_LoraLinear.forward is its own, which the rewrite would drop; use 'colwise'"):
+        fx_shard.transform(model, {"0": {"style": "qkv", "output_sizes": [16, 16, 16]}}, mesh_shape={"tp": 2})
+
+
+def test_plan_auto_never_splits_a_fused_layer_whose_forward_is_its_own():
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = _LoraLinear(16, 48), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).split(16, dim=-1)
+            return self.proj(q * k + v)
+
+    model, x = Attention(), torch.randn(2, 4, 16)
+    gm = fx_shard.transform(model, "auto", mesh_shape={"tp": 2}, example_inputs=(x,))
+    torch.testing.assert_close(gm(x), model(x))
+    assert gm.meta["sharding"].layers["qkv"].style == "colwise" and type(gm.qkv) is _LoraLinear
