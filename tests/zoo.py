@@ -24,6 +24,9 @@ class Case:
     name: str
     family: str  # decoder, encoder, encoder-decoder, vision, audio, torch
     build: Callable[[], tuple[nn.Module, tuple, dict]]
+    #: All-reduces per forward at the Megatron optimum: 2 per block (1 where attention and MLP run in
+    #: parallel, +1 per cross-attention), 1 per vocabulary-parallel embedding lookup.
+    optimum: int = 5
     #: What torch.compile(backend="openxla") alone raises on this model, when it cannot compile it.
     openxla_fails: str = ""
 
@@ -45,9 +48,11 @@ def _hf(cls_name: str, config_name: str, inputs: Callable[[], dict] | None = Non
     return build
 
 
-def _decoder(family: str, cls_name: str, config_name: str = "", **config) -> Case:
+def _decoder(name: str, cls_name: str, config_name: str = "", *, parallel: bool = False, **config) -> Case:
+    """A causal LM of 2 blocks; ``parallel``: attention and MLP read the same input and are summed (one all-reduce)."""
     config_name = config_name or cls_name.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config")
-    return Case(family, "decoder", _hf(cls_name, config_name, lambda: {"input_ids": _ids(), "use_cache": False}, **config))
+    inputs = lambda: {"input_ids": _ids(), "use_cache": False}  # noqa: E731
+    return Case(name, "decoder", _hf(cls_name, config_name, inputs, **config), optimum=3 if parallel else 5)
 
 
 def _seq2seq() -> dict:
@@ -142,13 +147,13 @@ CASES: tuple[Case, ...] = (
     _decoder("gemma2", "Gemma2ForCausalLM", **_gqa(head_dim=8, attn_logit_softcapping=2.0)),
     _decoder("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", **_gqa(head_dim=8, sliding_window=4)),
     _decoder("phi3", "Phi3ForCausalLM", **_gqa()),
-    _decoder("phi", "PhiForCausalLM", **_SMALL),
-    _decoder("falcon-7b", "FalconForCausalLM", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+    _decoder("phi", "PhiForCausalLM", parallel=True, **_SMALL),
+    _decoder("falcon-7b", "FalconForCausalLM", parallel=True, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
              num_attention_heads=8, multi_query=True, parallel_attn=True),
-    _decoder("falcon-40b", "FalconForCausalLM", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+    _decoder("falcon-40b", "FalconForCausalLM", parallel=True, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
              num_attention_heads=8, num_kv_heads=2, new_decoder_architecture=True),
-    _decoder("gpt-neox", "GPTNeoXForCausalLM", **_SMALL),
-    _decoder("gpt-j", "GPTJForCausalLM", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64, rotary_dim=8),
+    _decoder("gpt-neox", "GPTNeoXForCausalLM", parallel=True, **_SMALL),
+    _decoder("gpt-j", "GPTJForCausalLM", parallel=True, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64, rotary_dim=8),
     _decoder("opt", "OPTForCausalLM", vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
              num_attention_heads=8, max_position_embeddings=64, word_embed_proj_dim=64),
     _decoder("bloom", "BloomForCausalLM", vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=8),
@@ -158,7 +163,7 @@ CASES: tuple[Case, ...] = (
     _decoder("gpt-bigcode", "GPTBigCodeForCausalLM", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64),
     _decoder("starcoder2", "Starcoder2ForCausalLM", **_gqa()),
     _decoder("stablelm", "StableLmForCausalLM", **_SMALL, num_key_value_heads=8),
-    _decoder("codegen", "CodeGenForCausalLM", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64,
+    _decoder("codegen", "CodeGenForCausalLM", parallel=True, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64,
              rotary_dim=8),
     # Encoders.
     Case("bert", "encoder", _hf("BertModel", "BertConfig", **_SMALL)),
@@ -167,41 +172,41 @@ CASES: tuple[Case, ...] = (
                                       n_layers=2, n_heads=8)),
     Case("electra", "encoder", _hf("ElectraModel", "ElectraConfig", **_SMALL, embedding_size=64)),
     # Encoder-decoders.
-    Case("t5", "encoder-decoder", _hf("T5Model", "T5Config", _seq2seq, vocab_size=VOCAB, d_model=64, d_ff=128,
+    Case("t5", "encoder-decoder", optimum=7, build=_hf("T5Model", "T5Config", _seq2seq, vocab_size=VOCAB, d_model=64, d_ff=128,
                                       num_layers=1, num_heads=8, d_kv=8)),
-    Case("bart", "encoder-decoder", _hf("BartModel", "BartConfig", _seq2seq, vocab_size=VOCAB, d_model=64,
+    Case("bart", "encoder-decoder", optimum=7, build=_hf("BartModel", "BartConfig", _seq2seq, vocab_size=VOCAB, d_model=64,
                                         encoder_layers=1, decoder_layers=1, encoder_attention_heads=8,
                                         decoder_attention_heads=8, encoder_ffn_dim=128, decoder_ffn_dim=128,
                                         max_position_embeddings=64)),
     # Vision.
-    Case("hf-vit", "vision", _hf("ViTModel", "ViTConfig", lambda: {"pixel_values": _pixels()}, hidden_size=64,
+    Case("hf-vit", "vision", optimum=4, build=_hf("ViTModel", "ViTConfig", lambda: {"pixel_values": _pixels()}, hidden_size=64,
                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, image_size=32,
                                  patch_size=8)),
-    Case("timm-vit", "vision", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+    Case("timm-vit", "vision", optimum=4, build=_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
                                      num_heads=8, num_classes=10)),
-    Case("timm-beit", "vision", _timm("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+    Case("timm-beit", "vision", optimum=4, build=_timm("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
                                       num_heads=8, num_classes=10)),
-    Case("timm-swin", "vision", _timm("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=4,
+    Case("timm-swin", "vision", optimum=4, build=_timm("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=4,
                                       embed_dim=32, depths=(2,), num_heads=(8,), num_classes=10)),
-    Case("torchvision-vit", "vision", _torchvision_vit),
-    Case("torchvision-swin", "vision", _torchvision_swin,
+    Case("torchvision-vit", "vision", _torchvision_vit, optimum=4),
+    Case("torchvision-swin", "vision", _torchvision_swin, optimum=4,
          openxla_fails="Expected XLA tensor"),  # torch_xla 2.9's dynamo bridge, at adaptive_avg_pool2d
     # Audio.
-    Case("whisper", "audio", _hf("WhisperModel", "WhisperConfig",
+    Case("whisper", "audio", optimum=6, build=_hf("WhisperModel", "WhisperConfig",
                                  lambda: {"input_features": torch.randn(BATCH, 16, 32, generator=torch.Generator().manual_seed(0)),
                                           "decoder_input_ids": _ids(6), "use_cache": False},
                                  vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1,
                                  encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=128,
                                  decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=16,
                                  max_target_positions=16)),
-    Case("wav2vec2", "audio", _hf("Wav2Vec2Model", "Wav2Vec2Config", lambda: {"input_values": _audio()},
+    Case("wav2vec2", "audio", optimum=4, build=_hf("Wav2Vec2Model", "Wav2Vec2Config", lambda: {"input_values": _audio()},
                                   hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
                                   conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 4),
                                   num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)),
     # PyTorch's own layers.
     Case("nn-encoder", "torch", _torch(lambda: _EncoderClassifier(norm_first=False), lambda: (_ids(),))),
     Case("nn-encoder-prenorm", "torch", _torch(lambda: _EncoderClassifier(norm_first=True), lambda: (_ids(),))),
-    Case("nn-transformer", "torch", _torch(_Seq2Seq, lambda: (_ids(), _ids(6)))),
+    Case("nn-transformer", "torch", _torch(_Seq2Seq, lambda: (_ids(), _ids(6))), optimum=7),
 )
 
 
