@@ -17,6 +17,8 @@ _EXPORTS: dict[str, str] = {
     "shard_model": "fx_shard.api",
     "transform": "fx_shard.api",
     "backend": "fx_shard.backend",
+    "CheckResult": "fx_shard.check",
+    "check": "fx_shard.check",
     "load_sharded": "fx_shard.checkpoint",
     "Collectives": "fx_shard.collectives",
     "collectives": "fx_shard.collectives",
@@ -41,8 +43,10 @@ __all__ = [
     "STYLES",
     "SHARDING_KEY",
     "CaptureError",
+    "CheckResult",
     "Collectives",
     "backend",
+    "check",
     "FxShardError",
     "LayerPlan",
     "ModelSharding",
@@ -80,9 +84,9 @@ def __dir__() -> list[str]:
 class _Package(_types.ModuleType):
     """fx_shard's module type: a submodule never hides the public name it shares.
 
-    ``report``, ``collectives`` and ``backend`` are both functions here and
-    submodules; importing a submodule sets the package's attribute of that
-    name to the module, which would hide the function. Skipping that
+    ``report``, ``collectives``, ``check`` and ``backend`` are both functions
+    here and submodules; importing a submodule sets the package's attribute of
+    that name to the module, which would hide the function. Skipping that
     assignment keeps ``fx_shard.report`` the function, as an eager
     ``from fx_shard.report import report`` made it; the submodule stays in
     ``sys.modules``, where every import finds it.
@@ -99,6 +103,7 @@ _sys.modules[__name__].__class__ = _Package
 if _typing.TYPE_CHECKING:  # what type checkers and IDEs see
     from fx_shard.api import shard, shard_model, transform
     from fx_shard.backend import backend
+    from fx_shard.check import CheckResult, check
     from fx_shard.checkpoint import load_sharded
     from fx_shard.collectives import Collectives, collectives
     from fx_shard.errors import CaptureError, FxShardError, PlanError

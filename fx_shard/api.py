@@ -13,6 +13,7 @@ from torch import nn
 
 from fx_shard import styles, xla
 from fx_shard.axes import Axis
+from fx_shard.check import check as self_check
 from fx_shard.errors import FxShardError
 from fx_shard.pipeline import Pipeline
 from fx_shard.plan import ShardPlan, resolve_tp_axis
@@ -72,17 +73,50 @@ def shard(
     example_inputs: tuple | None = None,
     example_kwargs: Mapping | None = None,
     fused: str | None = None,
+    check: bool | None = None,
 ) -> nn.Module:
     """``transform`` for ``mesh``, then place the result on the XLA device, sharded.
 
     Returns a recompiled GraphModule computing ``model``'s function; run it
     eagerly under SPMD or hand it to ``torch.compile(..., backend="openxla")``.
+
+    ``check``: run the self-check (``fx_shard.check``: the sharded model
+    against ``model`` on the example inputs) and raise ``FxShardError``,
+    naming the first module that diverges, when they disagree. ``None`` (the
+    default) runs it when example inputs are given and ``model`` has real
+    parameters (not ``meta``); ``True`` always (example inputs required);
+    ``False`` never. The result shows in ``fx_shard.report``.
     """
+    checking = _checks(check, model, example_inputs, example_kwargs)
     gm = transform(
         model, plan, mesh_shape=xla.mesh_shape_of(mesh), tp_axis=tp_axis,
         example_inputs=example_inputs, example_kwargs=example_kwargs, fused=fused,
     )
-    return xla.materialize(gm, mesh)
+    gm = xla.materialize(gm, mesh)
+    if checking:
+        result = self_check(gm, model, example_inputs or (), example_kwargs)
+        if not result.ok:
+            raise FxShardError(
+                f"the sharded {type(model).__name__} does not compute what the original does:\n{result}\n"
+                "The cause lies in the first diverging module or in the code between it and the last agreeing one: "
+                "fx_shard's bug, please report it with this message. To go on, plan the layers there as 'replicate' "
+                "({'<path>': 'replicate'}); shard(..., check=False) returns the sharded model unchecked, for "
+                "fx_shard.report to show what was done"
+            )
+    return gm
+
+
+def _checks(check: bool | None, model: nn.Module, example_inputs: tuple | None, example_kwargs: Mapping | None) -> bool:
+    """Whether ``shard`` runs the self-check: as ``check`` says, or by default when it can (inputs, real parameters)."""
+    given = example_inputs is not None or bool(example_kwargs)
+    if check is None:
+        return given and not any(p.is_meta for p in model.parameters())
+    if check and not given:
+        raise FxShardError(
+            "shard(..., check=True) runs the model on its example inputs, and none were given: pass "
+            "example_inputs= (and example_kwargs=) the model runs with, or check=None / False"
+        )
+    return check
 
 
 def shard_model(model: nn.Module, mesh) -> None:

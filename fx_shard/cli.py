@@ -33,8 +33,6 @@ logger = logging.getLogger("fx_shard.cli")  # also when run as python -m fx_shar
 MODELS = ("llama", "llama-vllm", "gpt2", "vit")
 FORMATS = ("text", "markdown", "github", "json")
 
-# float32 agreement asked of a sharded model: max |error| relative to the output's scale.
-TOLERANCE = 1e-5
 # Columns the demo's output fits by default (--full: the whole report, unwrapped).
 WIDTH = 100
 # Devices when neither --devices nor CPU_NUM_DEVICES says.
@@ -67,27 +65,27 @@ def demo(model_name: str, devices: int | None = None, batch: int = 2, *, full: b
         count = _start_runtime(devices)
         xla.materialize(gm, fx_shard.make_mesh())
         counts = fx_shard.collectives(gm, *inputs)  # compiles the forward and runs it once
-        actual = gm(*(t.to(fx_shard.xla_device()) for t in inputs)).cpu()
-    with clock("check"), torch.no_grad():
-        expected = model(*inputs)
-        error = (actual - expected).abs().max().item() / expected.abs().max().item()
+    with clock("check"):
+        result = fx_shard.check(gm, model, inputs)  # the sharded forward again (compiled), the unsharded one
         data = report_data(gm, counts, fold=not full)
         body = fx_shard.report(gm, measured=counts, fold=False) if full else TextRenderer(WIDTH).render(data, ["layers"])
-    agree = error <= TOLERANCE
     where = f"{count} XLA {os.environ.get('PJRT_DEVICE', '')} devices".replace("  ", " ")
-    verdict = f"{'agrees' if agree else 'DISAGREES'} with the unsharded model"
+    verdict = f"{'agrees' if result.ok else 'DISAGREES'} with the unsharded model"
     summary = _demo_summary(model_name, type(model).__name__, where, data)
-    summary.insert(1, f"- result: {verdict}: max |difference| / max |output| = {error:.1e} (limit {TOLERANCE:g})")
+    summary.insert(1, f"- result: {verdict}: max |difference| / max |output| = {result.error:.1e} "
+                      f"(limit {result.tolerance:g})")
+    if result.detail:
+        summary.insert(2, f"- {result.detail}")
     more = "the whole report follows" if full else "--full prints the whole report: graph diff, bytes, what was left alone"
     summary.append(f"- took {clock.total():.1f} s; {more}")
     print("\n".join(_wrapped(summary, WIDTH)) + "\n")
     print(body)
     ending = [
-        f"verdict: {model_name} on {where} {verdict} (error {error:.1e}, limit {TOLERANCE:g})",
+        f"verdict: {model_name} on {where} {verdict} (error {result.error:.1e}, limit {result.tolerance:g})",
         f"took {clock.total():.1f} s: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in clock.phases.items()),
     ]
     print("\n".join(_wrapped(ending, WIDTH)))
-    return 0 if agree else 1
+    return 0 if result.ok else 1
 
 
 def _demo_summary(name: str, cls: str, where: str, data: dict) -> list[str]:
@@ -134,9 +132,9 @@ def model_report(
 
     ``plan``: ``"builtin"`` (``fx_shard.models.plans.PLANS``) or ``"auto"``.
     Without ``measure`` only the graph rewrite runs (``transform``, no XLA);
-    with it the model is sharded on an XLA mesh of ``devices`` devices and one
-    forward's collectives are counted (this process's runtime must have that
-    many devices, or not have started yet).
+    with it the model is sharded on an XLA mesh of ``devices`` devices, one
+    forward's collectives are counted and the self-check runs (this process's
+    runtime must have that many devices, or not have started yet).
     """
     import torch
 
@@ -157,6 +155,7 @@ def model_report(
     with torch.no_grad():
         xla.materialize(gm, fx_shard.make_mesh())
         counts = fx_shard.collectives(gm, *inputs)
+    fx_shard.check(gm, model, inputs)  # kept on gm: the report's self-check line
     return fx_shard.report(gm, format, measured=counts, fold=fold)
 
 
@@ -355,7 +354,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="the model's plan from fx_shard.models.plans (default), or 'auto' (inferred from the graph)")
     rep.add_argument("--measure", action="store_true",
                      help="also shard on an XLA mesh of --devices devices (virtual CPU devices when no TPU is "
-                     "attached) and show one forward's collectives counted in the partitioned HLO")
+                     "attached), show one forward's collectives counted in the partitioned HLO and the self-check "
+                     "against the unsharded model")
     rep.add_argument("--no-fold", action="store_true", help="one row per layer and node; no folding of repeated blocks")
     rep.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a model config field, e.g. --set num_hidden_layers=4 (repeatable)")

@@ -100,6 +100,30 @@ def test_demo_agrees_with_unsharded(model, devices, log_level, tmp_path):
         assert child == f"child sees TF_CPP_MIN_LOG_LEVEL={log_level}"
 
 
+# The demo, with the attention replacement dropping the causal mask (the kind of rewrite issue 11 measured wrong).
+_DEMO_OF_A_BROKEN_REWRITE = (
+    "import sys\n"
+    "from fx_shard.cli import main\n"
+    "from fx_shard.ops import einsum_attention\n"
+    "from fx_shard.passes import attention_to_einsum\n"
+    "def attention_without_causal_mask(*args, is_causal=False, **kwargs):\n"
+    "    return einsum_attention(*args, **kwargs)\n"
+    "attention_to_einsum.einsum_attention = attention_without_causal_mask\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_demo_names_where_a_broken_sharding_first_diverges(tmp_path):
+    proc = run_cli(tmp_path, "demo", "--devices", "2", code=_DEMO_OF_A_BROKEN_REWRITE)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = proc.stdout.split("\n\n")[0].replace("\n  ", " ").splitlines()  # its items unwrapped
+    assert re.fullmatch(r"- result: DISAGREES with the unsharded model: max \|difference\| / max \|output\| = "
+                        r"\d\.\de-0[1-3] \(limit 1e-05\)", summary[1]), summary
+    assert re.fullmatch(r"- first diverging module: model\.layers\.0\.self_attn\.o_proj \(error \d\.\de[+-]\d\d\); the last "
+                        r"agreeing module before it: model\.layers\.0\.self_attn\.v_proj \(error \d\.\de-0[6-9]\)", summary[2])
+    assert "DISAGREES with the unsharded model" in proc.stdout.splitlines()[-2]
+
+
 def test_help_imports_no_torch(tmp_path):
     code = (
         "import sys\n"

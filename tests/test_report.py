@@ -291,8 +291,10 @@ def test_json_round_trips_with_stable_keys():
     gm = transformed("vit")
     data = json.loads(fx_shard.report(gm, "json"))
     assert data == report_data(gm)
-    assert list(data) == ["schema", "model", "mesh", "tp_axis", "passes", "graphs", "summary", "diff", "layers", "costs", "left_alone"]
+    assert list(data) == ["schema", "model", "mesh", "tp_axis", "passes", "graphs", "summary", "check", "diff", "layers", "costs",
+                          "left_alone"]
     assert data["schema"] == SCHEMA and data["mesh"] == {"tp": 8} and data["tp_axis"] == "tp" and data["graphs"] == [""]
+    assert data["check"] is None  # transform runs no self-check
     assert set(data["summary"]) == {"layers", "sharded", "replicated", "graphs", "opaque_modules", "parameter_bytes",
                                     "parameter_bytes_per_device", "collectives_predicted"}
     assert set(data["diff"]) == {"passes", "rows"}

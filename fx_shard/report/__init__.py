@@ -1,10 +1,10 @@
 """What fx_shard did to a model and what it costs, as tables a user reads top to bottom.
 
 ``report(model)`` reads only what ``transform`` / ``shard`` left on the model
-(``model.meta["sharding"]``: the records, the pass diff, what stayed opaque)
-and the parameters' shapes; it never touches parameter data and never
-imports torch_xla, so it works on ``meta`` models and before any XLA device
-exists. Sections, in order:
+(``model.meta["sharding"]``: the records, the pass diff, what stayed opaque;
+the self-check's result, when one ran) and the parameters' shapes; it never
+touches parameter data and never imports torch_xla, so it works on ``meta``
+models and before any XLA device exists. Sections, in order:
 
 1. the graph diff: nodes each pass added, removed and rewrote, per graph;
 2. the layers: style, why, per-parameter global -> per-device shape, mesh axes;
@@ -47,6 +47,7 @@ from fx_shard.report.gather import (
     parameter_bytes_rows,
     pass_diff,
     planned_layers,
+    self_check,
     unplanned_parameters,
 )
 from fx_shard.report.predict import (
@@ -91,7 +92,8 @@ def report_data(model: nn.Module, measured: Mapping[str, int] | None = None, *, 
     """The report's content as plain data (what ``report(model, "json")`` serializes).
 
     Top-level keys: ``schema``, ``model``, ``mesh``, ``tp_axis``, ``passes``,
-    ``graphs``, ``summary``, ``diff``, ``layers``, ``costs``, ``left_alone``.
+    ``graphs``, ``summary``, ``check`` (the self-check, or None when none
+    ran), ``diff``, ``layers``, ``costs``, ``left_alone``.
     Folded rows carry ``count`` and the list of what they stand for
     (``modules``, ``members``), so nothing is lost by folding.
     """
@@ -121,6 +123,7 @@ def report_data(model: nn.Module, measured: Mapping[str, int] | None = None, *, 
             "parameter_bytes_per_device": bytes_["per_device"],
             "collectives_predicted": {op: n for op, n in total_predicted.items() if n},
         },
+        "check": self_check(model),
         "diff": {"passes": passes, "rows": fold_diff(diff_rows, fold)},
         "layers": fold_layers(layers, fold),
         "costs": {

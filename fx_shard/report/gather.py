@@ -14,6 +14,7 @@ from typing import Any
 from torch import fx, nn
 
 from fx_shard.axes import Spec, axis_size, local_shape
+from fx_shard.check import CHECK_KEY
 from fx_shard.errors import FxShardError
 from fx_shard.sharding import (
     SHARDING_KEY,
@@ -49,6 +50,15 @@ def model_sharding(model: nn.Module) -> ModelSharding:
             "report on what fx_shard.transform or fx_shard.shard returned"
         )
     return summary
+
+
+def self_check(model: nn.Module) -> dict[str, Any] | None:
+    """The last ``fx_shard.check`` of the model (``shard`` runs it given example inputs) as data; None if none ran."""
+    result = model.meta.get(CHECK_KEY)
+    if result is None:
+        return None
+    return {"ok": result.ok, "error": result.error, "tolerance": result.tolerance,
+            "first_divergence": result.first_divergence, "detail": result.detail}
 
 
 def graph_modules(model: nn.Module) -> Iterable[tuple[str, fx.GraphModule]]:

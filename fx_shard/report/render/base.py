@@ -15,6 +15,7 @@ from typing import Any
 from tabulate import tabulate
 
 from fx_shard.axes import spec_text
+from fx_shard.check import CheckResult
 from fx_shard.hlo import COLLECTIVE_OPS
 
 # Rows shown per pass in the diff tables (after folding); the JSON form has every row.
@@ -105,6 +106,10 @@ class Renderer(ABC):
             f"parameters per device: {_bytes(s['parameter_bytes_per_device'])} of {_bytes(s['parameter_bytes'])}",
             f"collectives per forward, predicted: {collectives}",
         ]
+        check = data["check"]
+        if check is not None:
+            result = CheckResult(check["error"], check["tolerance"], check["first_divergence"], check["detail"])
+            lines += str(result).splitlines()
         return [*self.title(title), *self.bullets(lines), ""]
 
     def _diff(self, data: dict[str, Any], note: bool, number: str) -> list[str]:
