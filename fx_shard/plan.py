@@ -180,10 +180,25 @@ def decide(
     if rule is not None:
         return Decision(LayerPlan(rule[0].name), SourceKind.CLASS_RULE, f"class rule {rule[1]}")
     if model_plan and (pattern := first_match(model_plan, name)) is not None:
-        return model_plan[pattern]
+        chosen = model_plan[pattern]
+        found = inferred.get(name) if inferred else None
+        if chosen.layer.gather_output and found is not None and _shards_without_gathering(found):
+            return Decision(found.layer, found.kind, f"{found.reason}; {chosen.reason} would gather the output "
+                                                     "(an all-gather per call)")
+        return chosen
     if inferred and name in inferred:
         return inferred[name]
     return NO_RULE
+
+
+def needs_inference(decision: Decision) -> bool:
+    """Whether ``decide`` would take an inferred decision over this one: none covers the layer, or the model's
+    plan gathers its output (Phi3's ``colwise_gather_output`` q/k/v), which fx_shard's analysis may avoid."""
+    return decision.kind is SourceKind.DEFAULT or (decision.kind is SourceKind.MODEL_PLAN and decision.layer.gather_output)
+
+
+def _shards_without_gathering(decision: Decision) -> bool:
+    return styles.get(decision.layer.style).shards is not None and not decision.layer.gather_output
 
 
 def first_match(patterns: Mapping[str, object], name: str) -> str | None:
