@@ -159,10 +159,50 @@ def model_report(
     return fx_shard.report(gm, format, measured=counts, fold=fold)
 
 
+def config_report(path: str, devices: int = DEFAULT_DEVICES, format: str = "text", fold: bool = True) -> str:
+    """The report on the Hugging Face model a local ``config.json`` (or its folder) describes, built on the meta device.
+
+    Nothing is downloaded, allocated or compiled: the model takes its config's dtype, is planned with its own
+    plan and inference (``plan="auto"``) for ``devices`` on one ``tp`` axis, and the report gives the
+    parameter bytes per device and the collectives predicted per forward: will it fit, and what will it cost.
+    """
+    import torch
+
+    import fx_shard
+
+    try:
+        import transformers
+    except ImportError as e:
+        raise UsageError("--config builds the model with Hugging Face transformers: pip install transformers") from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--config {path}: not a Hugging Face config this transformers reads ({e})") from e
+    dtype = getattr(config, "dtype", None) or torch.float32
+    with torch.device("meta"):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError:  # not a causal LM: the base model
+            model = transformers.AutoModel.from_config(config, dtype=dtype)
+    gm = _with_devices_hint(lambda: fx_shard.transform(model, "auto", mesh_shape={"tp": devices}), devices)
+    return fx_shard.report(gm, format, fold=fold)
+
+
 def report_command(args: argparse.Namespace) -> int:
     """``fx-shard report``: print each model's report, or write it to ``--output-dir``."""
     from fx_shard import models
 
+    if args.config is not None:
+        if args.models or args.measure or args.set or args.plan != "builtin":
+            raise UsageError("--config reports the configured model alone, planned 'auto' without XLA: "
+                             "drop MODEL, --measure, --set and --plan")
+        text = config_report(args.config, args.devices or DEFAULT_DEVICES, args.format, not args.no_fold)
+        print(text, end="" if text.endswith("\n") else "\n")
+        return 0
+    unknown = [name for name in args.models if name not in (*MODELS, "all")]
+    if unknown or not args.models:
+        found = f"unknown model {unknown[0]!r}; " if unknown else ""
+        raise UsageError(f"{found}name a built-in model ({', '.join(MODELS)}) or 'all', or give --config PATH")
     names = list(MODELS) if "all" in args.models else list(dict.fromkeys(args.models))
     overrides = dict(_override(item) for item in args.set)
     for name in names:
@@ -345,8 +385,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the report on built-in models sharded over one 'tp' mesh axis. Only the graph rewrite "
         "runs (no XLA) unless --measure is given.",
     )
-    rep.add_argument("models", nargs="+", metavar="MODEL", choices=(*MODELS, "all"),
+    rep.add_argument("models", nargs="*", metavar="MODEL",  # checked in report_command: argparse rejects no MODEL
                      help=f"a built-in model ({', '.join(MODELS)}), several, or 'all'")
+    rep.add_argument("--config", metavar="PATH",
+                     help="instead of MODEL: a Hugging Face config.json (a local file or folder, nothing is "
+                     "downloaded); the model is built on the meta device in the config's dtype, planned 'auto' for "
+                     "--devices and reported (bytes per device, collectives per forward) without XLA")
     rep.add_argument("--devices", type=_count, metavar="N", help=f"size of the mesh's 'tp' axis (default {DEFAULT_DEVICES}; with "
                      "--measure, $CPU_NUM_DEVICES if set)")
     rep.add_argument("--format", choices=FORMATS, default="text", help="text tables (default), markdown, github, or json")

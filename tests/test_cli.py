@@ -163,6 +163,12 @@ def test_the_names_the_help_lists_are_fx_shards():
     (["report", "llama", "--set", "num_hidden_layers"], {}, r"fx-shard report: error: --set takes FIELD=VALUE"),
     (["demo", "--devices", "8"], {"CPU_NUM_DEVICES": "4"}, r"fx-shard demo: error: --devices 8, but CPU_NUM_DEVICES=4 is "
      r"set .*: run with --devices 4, or unset CPU_NUM_DEVICES"),
+    (["report", "lama"], {}, r"fx-shard report: error: unknown model 'lama'; name a built-in model \(llama, "),
+    (["report"], {}, r"fx-shard report: error: name a built-in model .* or 'all', or give --config PATH"),
+    (["report", "llama", "--config", "config.json"], {}, r"fx-shard report: error: --config reports the configured "
+     r"model alone, planned 'auto' without XLA: drop MODEL, --measure, --set and --plan"),
+    (["report", "--config", "no/such/config.json"], {}, r"fx-shard report: error: --config no/such/config.json: not a "
+     r"Hugging Face config this transformers reads"),
     (["report", "gpt2", "--measure", "--devices", "2"], {"CPU_NUM_DEVICES": "4", "PJRT_DEVICE": "CPU"},
      r"fx-shard report: error: --devices 2, but CPU_NUM_DEVICES=4 is set .*: run with --devices 4"),
 ])
@@ -190,3 +196,31 @@ def test_devices_default_to_cpu_num_devices(monkeypatch):
     monkeypatch.setenv("PJRT_DEVICE", "TPU")
     monkeypatch.setenv("CPU_NUM_DEVICES", "4")  # not read off the CPU
     assert cli._runtime_devices(8) == 8
+
+
+@pytest.mark.parametrize("shape", ["llama-3-70b", "mixtral-8x7b"])
+def test_report_on_a_hugging_face_config_gives_the_bytes_per_device(shape, tmp_path, capsys):
+    """A 70B-shaped config (2 of its 80 blocks) on the meta device: what each of 8 devices holds, by the plan."""
+    import torch
+    import transformers as t
+
+    dims = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                vocab_size=128256, num_hidden_layers=2)
+    if shape == "llama-3-70b":
+        config = t.LlamaConfig(**dims, dtype=torch.bfloat16)
+    else:
+        config = t.MixtralConfig(**{**dims, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                                    "vocab_size": 32000}, num_local_experts=8, dtype=torch.bfloat16)
+    config.to_json_file(tmp_path / "config.json")
+    assert main(["report", "--config", str(tmp_path / "config.json"), "--devices", "8"]) == 0
+    out = capsys.readouterr().out
+    per_device = int(re.search(r"- parameters per device: ([\d,]+) B", out).group(1).replace(",", ""))
+    h, layers = config.hidden_size, config.num_hidden_layers
+    norms = (2 * layers + 1) * h * 2  # replicated; every matrix splits 8 ways (8 KV heads), bf16
+    if shape == "llama-3-70b":
+        matrices = 2 * config.vocab_size * h + layers * (2 * h * h + 2 * h * 1024 + 3 * h * config.intermediate_size)
+        assert per_device == matrices * 2 // 8 + norms
+    else:  # the experts and the router have no fx_shard style yet (the MoE issue): replicated
+        sharded = 2 * config.vocab_size * h + layers * (2 * h * h + 2 * h * 1024)
+        experts = layers * config.num_local_experts * (3 * h * config.intermediate_size + h)
+        assert per_device == sharded * 2 // 8 + experts * 2 + norms
