@@ -50,11 +50,17 @@ def test_checked_in_reports_are_current(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     checked_in = sorted(p.name for p in (ROOT / "docs" / "reports").glob("*.md"))
     assert checked_in == sorted(p.name for p in out.glob("*.md"))
-    stale = [name for name in checked_in if (ROOT / "docs" / "reports" / name).read_text() != (out / name).read_text()]
+    stale = [name for name in checked_in if _rounding_aside((ROOT / "docs" / "reports" / name).read_text())
+             != _rounding_aside((out / name).read_text())]
     assert not stale, (
         f"docs/reports/{', '.join(stale)} stale; regenerate: "
         "fx-shard report all --devices 8 --measure --format markdown --output-dir docs/reports"
     )
+
+
+def _rounding_aside(report: str) -> str:
+    """The report with the self-check's error value left out: float rounding may differ by CPU and thread count."""
+    return re.sub(r"\(error \d\.\de-\d+, tolerance", "(error _, tolerance", report)
 
 
 # The demo, then a child process of it printing what it sees of TF_CPP_MIN_LOG_LEVEL.

@@ -1,44 +1,74 @@
 """Run the tests under tests/spmd on XLA CPU meshes of 2, 4 and 8 devices, one process each.
 
-Each child's progress is shown as it runs (one dot per test, by file) and its
-counts close the session's summary (tests/conftest.py).
+The three children start together (compiling is mostly one thread, so they
+share the cores better than one after the other); each test streams its
+child's progress (one dot per test, by file), what it printed before its
+turn first, and its counts close the session's summary (tests/conftest.py).
 """
 
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 SPMD = Path(__file__).parent / "spmd"
+DEVICE_COUNTS = (2, 4, 8)
 _RESULT = re.compile(r"^(\S+)::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 _MARKS = {"PASSED": ".", "FAILED": "F", "ERROR": "E", "SKIPPED": "s", "XFAIL": "x", "XPASS": "X"}
 
 
-@pytest.mark.parametrize("devices", [2, 4, 8])
-def test_spmd_suite(devices, tmp_path, capsys, request):
-    # The child's own temp dir: what its XLA dump (and anything else fx_shard writes there) leaves behind shows.
-    env = {**os.environ, "FX_SHARD_DEVICES": str(devices), "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices),
-           "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(SPMD)]
+class _Child:
+    """One pytest child on a mesh of ``devices``, its output read into a queue as it comes (None at the end)."""
+
+    def __init__(self, devices: int, tmp: Path) -> None:
+        self.tmp = tmp
+        # The child's own temp dir: what its XLA dump (and anything else fx_shard writes there) leaves behind shows.
+        env = {**os.environ, "FX_SHARD_DEVICES": str(devices), "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices),
+               "TMPDIR": str(tmp)}
+        command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(SPMD)]
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory):
+    started = {n: _Child(n, tmp_path_factory.mktemp(f"spmd{n}")) for n in DEVICE_COUNTS}
+    yield started
+    for child in started.values():
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.proc.wait()
+
+
+@pytest.mark.parametrize("devices", DEVICE_COUNTS)
+def test_spmd_suite(devices, children, capsys, request):
+    child = children[devices]
     lines, current = [], None
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            lines.append(line)
-            match = _RESULT.match(line)
-            if match:
-                with capsys.disabled():
-                    if match.group(1) != current:
-                        current = match.group(1)
-                        print(f"\n    {devices} devices: {Path(current).name} ", end="", flush=True)
-                    print(_MARKS[match.group(2)], end="", flush=True)
-        code = proc.wait(timeout=1800)
+    while (line := child.lines.get(timeout=1800)) is not None:
+        lines.append(line)
+        match = _RESULT.match(line)
+        if match:
+            with capsys.disabled():
+                if match.group(1) != current:
+                    current = match.group(1)
+                    print(f"\n    {devices} devices: {Path(current).name} ", end="", flush=True)
+                print(_MARKS[match.group(2)], end="", flush=True)
+    code = child.proc.wait(timeout=60)
     summary = next((line.strip("= \n") for line in reversed(lines) if re.search(r"\d+ (passed|failed)", line)), "no summary")
     results = getattr(request.config, "fx_shard_spmd_results", {})
     results[devices] = summary
     request.config.fx_shard_spmd_results = results
     output = "".join(lines)
     assert code == 0, f"{devices} devices:\n{output[-16000:]}"
-    assert sorted(p.name for p in tmp_path.glob("fx_shard*")) == []
+    assert sorted(p.name for p in child.tmp.glob("fx_shard*")) == []
