@@ -68,7 +68,7 @@ from fx_shard.passes import (
     SplitFusedLinear,
 )
 from fx_shard.patterns import PENDING_SHAPES
-from fx_shard.plan import Decision, ShardPlan, check_mesh_shape, decide, needs_inference, resolve_tp_axis
+from fx_shard.plan import Decision, ShardPlan, check_mesh_shape, decide, resolve_tp_axis
 from fx_shard.sharding import (
     SHARDING_KEY,
     ModelSharding,
@@ -315,7 +315,7 @@ class Pipeline:
         layers = _linear_layers(captured)
         in_graphs = {_join(prefix, t) for prefix, gm in captured.parts.items() for t in linear_like_modules(gm)}
         outside = [p for p in layers if p not in in_graphs]
-        undecided = [p for p in outside if needs_inference(decide(shard_plan, p, layers[p], model_plan))]
+        undecided = [p for p in outside if decide(shard_plan, p, layers[p], model_plan).kind is SourceKind.DEFAULT]
         if shard_plan.auto and undecided:
             found.update(_infer_outside(model, undecided, captured.opaque, args, kwargs, self.ways))
         records = shard_plan.resolve(layers, self.mesh_shape, self.tp_axis, found, model_plan)

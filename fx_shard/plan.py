@@ -191,12 +191,6 @@ def decide(
     return NO_RULE
 
 
-def needs_inference(decision: Decision) -> bool:
-    """Whether ``decide`` would take an inferred decision over this one: none covers the layer, or the model's
-    plan gathers its output (Phi3's ``colwise_gather_output`` q/k/v), which fx_shard's analysis may avoid."""
-    return decision.kind is SourceKind.DEFAULT or (decision.kind is SourceKind.MODEL_PLAN and decision.layer.gather_output)
-
-
 def _shards_without_gathering(decision: Decision) -> bool:
     return styles.get(decision.layer.style).shards is not None and not decision.layer.gather_output
 
