@@ -114,32 +114,37 @@ def test_parts_are_traced_with_the_arguments_their_parent_passes():
     assert isinstance(gm.encoder.layer[0].intermediate, fx.GraphModule)
 
 
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x, bias=None, mask=None, scale=1.0):
+        y = self.fc(x) if mask is None else self.fc(x) * mask
+        return (y if bias is None else y + bias) * scale
+
+
+class _Branching(torch.nn.Module):
+    """Calls its block as ``call(block, x)`` says, then branches on a value: torch.fx traces it part by part."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.block, self.call = _Block(), call
+
+    def forward(self, x):
+        y = self.call(self.block, x)
+        return -y if x.sum() > 0 else y
+
+
 def test_non_tensor_arguments_are_specialized_and_asserted():
     import fx_shard
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 8)
-
-        def forward(self, x, bias=None, scale=1.0):
-            y = self.fc(x)
-            return (y if bias is None else y + bias) * scale
-
-    class Outer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = Block()
-
-        def forward(self, x):
-            return -self.block(x, None, 2.0) if x.sum() > 0 else self.block(x, None, 2.0)  # untraceable branch
-
-    model, x = Outer(), torch.ones(2, 8)
+    model, x = _Branching(lambda block, x: block(x, None, None, 2.0)), torch.ones(2, 8)
     gm = fx_shard.transform(model, {"block.fc": "colwise"}, mesh_shape={"tp": 2}, example_inputs=(x,))
     torch.testing.assert_close(gm(x), model(x))
     assert "bias has been specialized to have value None" in gm.block.code
     with pytest.raises(AssertionError, match="scale has been specialized to have value 2.0"):
-        gm.block(x, None, 3.0)
+        gm.block(x, None, None, 3.0)
 
 
 def test_specialized_arguments_keep_their_names_for_callers_passing_them_by_keyword():
@@ -148,25 +153,8 @@ def test_specialized_arguments_keep_their_names_for_callers_passing_them_by_keyw
 
     import fx_shard
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 8)
-
-        def forward(self, x, bias=None, mask=None, scale=1.0):
-            y = self.fc(x) if mask is None else self.fc(x) * mask
-            return (y if bias is None else y + bias) * scale
-
-    class Outer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = Block()
-
-        def forward(self, x):
-            y = self.block(x, mask=x, scale=2.0)  # bias left to its default, mask a tensor after it, by keyword
-            return -y if x.sum() > 0 else y  # untraceable branch: traced part by part
-
-    model, x = Outer(), torch.ones(2, 8)
+    # bias left to its default, mask a tensor after it, both by keyword
+    model, x = _Branching(lambda block, x: block(x, mask=x, scale=2.0)), torch.ones(2, 8)
     gm = fx_shard.transform(model, {"block.fc": "colwise"}, mesh_shape={"tp": 2}, example_inputs=(x,))
     torch.testing.assert_close(gm(x), model(x))
     assert list(inspect.signature(gm.block.forward).parameters) == ["x", "bias", "mask", "scale"]
