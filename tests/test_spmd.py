@@ -1,9 +1,10 @@
 """Run the tests under tests/spmd on XLA CPU meshes of 2, 4 and 8 devices, one process each.
 
-The three children start together (compiling is mostly one thread, so they
-share the cores better than one after the other); each test streams its
-child's progress (one dot per test, by file), what it printed before its
-turn first, and its counts close the session's summary (tests/conftest.py).
+The three children start together, when collection ends (tests/conftest.py):
+compiling is mostly one thread, so they share the cores with each other and
+with this process's own tests better than one after the other. Each test
+streams its child's progress (one dot per test, by file), what it printed
+before its turn first, and its counts close the session's summary.
 """
 
 import os
@@ -11,6 +12,7 @@ import queue
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -22,14 +24,16 @@ _RESULT = re.compile(r"^(\S+)::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 _MARKS = {"PASSED": ".", "FAILED": "F", "ERROR": "E", "SKIPPED": "s", "XFAIL": "x", "XPASS": "X"}
 
 
-class _Child:
-    """One pytest child on a mesh of ``devices``, its output read into a queue as it comes (None at the end)."""
+class Child:
+    """One pytest child on a mesh of ``devices``, in a temp dir of its own; its output read into a queue as it
+    comes (None at the end)."""
 
-    def __init__(self, devices: int, tmp: Path) -> None:
-        self.tmp = tmp
+    def __init__(self, devices: int) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"fx_shard_tests_spmd{devices}_")
+        self.tmp = Path(self._tmp.name)
         # The child's own temp dir: what its XLA dump (and anything else fx_shard writes there) leaves behind shows.
         env = {**os.environ, "FX_SHARD_DEVICES": str(devices), "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices),
-               "TMPDIR": str(tmp)}
+               "TMPDIR": str(self.tmp)}
         command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(SPMD)]
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -40,15 +44,16 @@ class _Child:
             self.lines.put(line)
         self.lines.put(None)
 
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._tmp.cleanup()
+
 
 @pytest.fixture(scope="module")
-def children(tmp_path_factory):
-    started = {n: _Child(n, tmp_path_factory.mktemp(f"spmd{n}")) for n in DEVICE_COUNTS}
-    yield started
-    for child in started.values():
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait()
+def children(request):
+    return request.config.fx_shard_spmd_children
 
 
 @pytest.mark.parametrize("devices", DEVICE_COUNTS)
