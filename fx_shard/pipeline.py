@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import logging
 import os
 import sys
@@ -401,6 +402,8 @@ def _infer_outside(
                 f"plan='auto' needs example inputs for the layers torch.fx could not trace (in {where}): "
                 f"{', '.join(paths[:4])}{' ...' if len(paths) > 4 else ''}; pass example_inputs= or example_kwargs="
             )
+        if "use_cache" in inspect.signature(model.forward).parameters:  # a returned cache object stops torch.export
+            kwargs = {**kwargs, "use_cache": False}
     try:
         found = infer_from_export(model, tuple(args or ()), dict(kwargs or {}), ways)
     except Exception as e:  # the layers stay replicated, and the report says why
@@ -412,7 +415,11 @@ def _infer_outside(
         )
         if dummy:
             why += "; it ran on the model's dummy_inputs: pass the example_kwargs= the model runs with"
-        logger.info("%s", why)
+        warnings.warn(
+            f"fx_shard: plan='auto' leaves {len(paths)} layers of {type(model).__name__} replicated "
+            f"({', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}): {why[len('inferred: replicated, '):]}",
+            UserWarning, stacklevel=_caller_outside_fx_shard(),
+        )
         return {p: inferred(Replicate.name, why) for p in paths}
     return {p: d for p, d in found.items() if p in paths}
 
