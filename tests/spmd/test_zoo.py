@@ -6,6 +6,8 @@ backend on 2. tests/test_zoo.py checks every case's rewrite on the CPU.
 """
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from tests import zoo
 from tests.spmd.conftest import relative_error
 
 CASES = [c.name for c in zoo.CASES]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _on(device, values):
@@ -63,3 +66,24 @@ def test_backend_gives_the_unsharded_output(name, mesh):
         compiled = torch.compile(model.to(device), backend=fx_shard.backend(mesh, plan="auto"))
         actual = zoo.first_tensor(compiled(*args, **kwargs))
     assert relative_error(actual, expected) <= 1e-5
+
+
+def _doc_rows() -> dict[str, dict[str, str]]:
+    """docs/zoo.md's table, by model."""
+    lines = [line for line in (ROOT / "docs" / "zoo.md").read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+    return {row["model"]: row for row in rows}
+
+
+@pytest.mark.devices(4)
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_docs_zoo_is_what_benchmarks_zoo_measures(name, mesh):
+    """docs/zoo.md is made at 4 devices by benchmarks/zoo.py: a fresh measurement of a few rows must match it."""
+    from benchmarks import zoo as bench
+
+    fresh, doc = bench.measure(zoo.case(name), mesh), _doc_rows()[name]
+    for column in ("shard()", "backend", "all-reduce", "other collectives", "shardable bytes split", "capture"):
+        # The error's digits vary with float rounding; exact or not, and everything else, must not.
+        same = re.sub(r"\(\de-\d+\)", "", fresh[column]) == re.sub(r"\(\de-\d+\)", "", doc[column])
+        assert same, f"docs/zoo.md is stale ({name}, {column}: {doc[column]!r}, now {fresh[column]!r}); regenerate: python benchmarks/zoo.py"
