@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -112,7 +113,7 @@ def capture(model: nn.Module, concrete_args: Mapping[str, object] | None = None)
         finally:
             for m, mode in modes:
                 m.training = mode
-        if other.python_code("self").src != graph.python_code("self").src:
+        if not _same_computation(graph, other, model):
             raise CaptureError(
                 f"{type(model).__name__}'s forward computes something else in train() and in eval() "
                 "(its code reads self.training); it keeps its own code"
@@ -138,6 +139,29 @@ def _trace(model: nn.Module, concrete_args: Mapping[str, object] | None) -> fx.G
         if concrete_args and name in concrete_args and not isinstance(concrete_args[name], tuple):
             node.target = name
     return graph
+
+
+def _same_computation(graph: fx.Graph, other: fx.Graph, model: nn.Module) -> bool:
+    """Whether two traces of ``model`` compute the same: the same code, tensor constants equal in value.
+
+    The tracer stores each tensor constant on ``model`` under the next free ``_tensor_constant<i>``, so a
+    second trace names the same constant differently (timm BEiT's relative position index).
+    """
+    def constants(g: fx.Graph) -> list[str]:
+        return [n.target for n in g.nodes if n.op == "get_attr" and n.target.startswith("_tensor_constant")]
+
+    def code(g: fx.Graph, names: list[str]) -> str:
+        src = g.python_code("self").src
+        for i, name in enumerate(names):  # longest first cannot be needed: each name ends at a word boundary
+            src = re.sub(rf"\b{name}\b", f"_fx_shard_constant{i}", src)
+        return src
+
+    ours, theirs = constants(graph), constants(other)
+    return (
+        len(ours) == len(theirs)
+        and code(graph, ours) == code(other, theirs)
+        and all(torch.equal(getattr(model, a), getattr(model, b)) for a, b in zip(ours, theirs))
+    )
 
 
 def _reads_training(model: nn.Module) -> bool:

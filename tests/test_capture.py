@@ -220,3 +220,16 @@ def test_a_forward_reading_training_that_computes_the_same_in_both_modes_is_trac
     assert gm.graph.find_nodes(op="call_function", target=torch.nn.functional.scaled_dot_product_attention)
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_the_same_computation_with_tensor_constants_is_traced_in_either_mode():
+    """timm BEiT indexes its relative position table with a tensor constant: each trace names it anew."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=1,
+                              num_heads=8, num_classes=4)
+    gm = capture(model.eval())  # it read self.training; the second trace's constant was _tensor_constant1
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(gm(x), model(x))
+    torch.testing.assert_close(gm.train()(x), model.train()(x))  # its dropout rates are 0
