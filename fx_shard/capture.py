@@ -120,6 +120,7 @@ def capture(model: nn.Module, concrete_args: Mapping[str, object] | None = None)
             )
     # Lazy: its Python code is generated when first needed (a call, ``.code``), not here; the
     # pipeline rewrites the graph first, and generating code for 80 layers costs a quarter second.
+    _linear_calls_to_modules(graph, model)
     gm = _LazyGraphModule(model, graph, type(model).__name__)
     _match_original_layout(model, gm)
     return gm
@@ -139,6 +140,31 @@ def _trace(model: nn.Module, concrete_args: Mapping[str, object] | None) -> fx.G
         if concrete_args and name in concrete_args and not isinstance(concrete_args[name], tuple):
             node.target = name
     return graph
+
+
+def _linear_calls_to_modules(graph: fx.Graph, model: nn.Module) -> None:
+    """``F.linear(x, self.layer.weight, b)`` on a bias-free ``nn.Linear`` becomes ``self.layer(x) + b``.
+
+    timm's BEiT and EVA call their qkv layer's weight with a bias joined from separate q and v biases; as a
+    ``call_module`` node the layer is planned like any other. Exact up to float rounding of the bias add.
+    """
+    for node in list(graph.find_nodes(op="call_function", target=F.linear)):
+        given = {**dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
+        x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
+            continue
+        path = weight.target[: -len(".weight")]
+        layer = model.get_submodule(path)
+        if type(layer) is not nn.Linear or layer.bias is not None:
+            continue
+        with graph.inserting_before(node):
+            value = graph.call_module(path, (x,))
+            if bias is not None:
+                value = graph.call_function(torch.add, (value, bias))
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
+        if not weight.users:
+            graph.erase_node(weight)
 
 
 def _same_computation(graph: fx.Graph, other: fx.Graph, model: nn.Module) -> bool:

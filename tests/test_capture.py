@@ -233,3 +233,30 @@ def test_the_same_computation_with_tensor_constants_is_traced_in_either_mode():
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(gm(x), model(x))
     torch.testing.assert_close(gm.train()(x), model.train()(x))  # its dropout rates are 0
+
+
+class _JoinedBias(torch.nn.Module):
+    """timm BEiT's qkv: the layer's weight through F.linear with a bias joined from separate q and v biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = torch.nn.Linear(16, 48, bias=False), torch.nn.Linear(16, 16)
+        self.q_bias, self.v_bias = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        q, k, v = torch.nn.functional.linear(x, weight=self.qkv.weight, bias=bias).chunk(3, dim=-1)
+        return self.proj(q * k + v)
+
+
+def test_a_layer_called_through_its_weight_becomes_a_module_call_and_is_planned():
+    import fx_shard
+
+    model, x = _JoinedBias(), torch.randn(2, 4, 16)
+    gm = capture(model)
+    assert [n.target for n in gm.graph.find_nodes(op="call_module")] == ["qkv", "proj"]
+    assert not gm.graph.find_nodes(op="call_function", target=torch.nn.functional.linear)
+    torch.testing.assert_close(gm(x), model(x))
+    planned = fx_shard.transform(model, "auto", mesh_shape={"tp": 2}, example_inputs=(x,))
+    assert planned.meta["sharding"].layers["qkv"].specs["weight"] == ("tp", None)
+    torch.testing.assert_close(planned(x), model(x))
