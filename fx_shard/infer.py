@@ -31,13 +31,12 @@ from fx_shard.geometry import in_features, out_features
 from fx_shard.ops import batched_matmul, einsum_attention
 from fx_shard.patterns import (
     RESHAPE,
+    bias_added,
     op_of,
-    parts_axis,
     rank,
-    shape_args,
+    reshape_parts_axis,
     shape_of,
     split_sections,
-    static_int,
 )
 from fx_shard.plan import Decision
 from fx_shard.sharding import SourceKind
@@ -266,18 +265,21 @@ def _reduces_last_dim(node: fx.Node) -> bool:
 def _fused_layout(node: fx.Node, features: int) -> tuple[str, list[int], str] | None:
     """``(style, sizes, how)`` when the output is split into parts along the features right away."""
     output = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), node)
-    # An ATen linear on 3-D input is a 2-D addmm viewed back: look past views that keep the features.
-    while len(output.users) == 1 and op_of(next(iter(output.users))) in RESHAPE and _last_size(next(iter(output.users))) == features:
-        output = next(iter(output.users))
+    # An ATen linear on 3-D input is a 2-D addmm viewed back: look past views that keep the features, and past
+    # a bias added apart (timm BEiT's joined q/v bias).
+    while len(output.users) == 1:
+        (after,) = output.users
+        if not ((op_of(after) in RESHAPE and _last_size(after) == features) or bias_added(after, output, features)):
+            break
+        output = after
     for user in output.users:
         sections = split_sections(user, output, features)
         if sections is not None and len(sections) in (2, 3):
             style = QKV.name if len(sections) == 3 else MergedColwise.name
             return style, sections, f"output split {sections}"
         if op_of(user) in RESHAPE and user.args[0] is output:
-            values = [static_int(v, {output: features}) for v in shape_args(user)]
             for parts in (3, 2):
-                if features % parts == 0 and parts_axis(values, parts, features // parts) is not None:
+                if features % parts == 0 and reshape_parts_axis(user, output, features, parts, features // parts) is not None:
                     style = QKV.name if parts == 3 else MergedColwise.name
                     return style, [features // parts] * parts, f"output reshaped to {parts} parts"
     return None

@@ -38,6 +38,15 @@ UNBIND = ("unbind", torch.unbind, torch.Tensor.unbind, _ATEN.unbind.int)
 RESHAPE = ("view", "reshape", torch.reshape, torch.Tensor.view, torch.Tensor.reshape,
            _ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default)
 PERMUTE = ("permute", torch.permute, torch.Tensor.permute, _ATEN.permute.default)
+ADD = ("add", "add_", torch.add, operator.add, operator.iadd, torch.Tensor.add, _ATEN.add.Tensor)
+
+
+def bias_added(node: fx.Node, to: fx.Node, features: int) -> fx.Node | None:
+    """The 1-D tensor of ``features`` values ``node`` adds to ``to`` (a bias: every feature its own), if it is one."""
+    if op_of(node) not in ADD or len(node.args) != 2 or node.kwargs or to not in node.args:
+        return None
+    other = node.args[1] if node.args[0] is to else node.args[0]
+    return other if isinstance(other, fx.Node) and shape_of(other) == (features,) else None
 
 #: Key of a GraphModule's ``meta`` holding its deferred shape propagation (a callable), run when first needed.
 PENDING_SHAPES = "fx_shard.pending_shapes"
@@ -80,6 +89,20 @@ def rank(node: fx.Node) -> int | None:
 def is_last_dim(dim, tensor: fx.Node) -> bool:
     """Whether ``dim`` names the last dimension of ``tensor`` (a positive dim needs its rank)."""
     return dim == -1 or (isinstance(dim, int) and dim >= 0 and dim == (rank(tensor) or 0) - 1)
+
+
+def reshape_parts_axis(node: fx.Node, source: fx.Node, features: int, parts: int, part_size: int) -> int | None:
+    """``parts_axis`` of reshape ``node`` of ``source``: its sizes as ``static_int`` reads them, a ``-1`` in the
+    tail resolved by shape propagation (timm BEiT's ``reshape(B, N, 3, H, -1)``).
+
+    The parts axis itself must be written out: ``view(B, N, -1, hd)`` with 2 heads is a heads reshape, not
+    2 parts.
+    """
+    given = [static_int(v, {source: features}) for v in shape_args(node)]
+    known = shape_of(node) if -1 in given else None
+    values = [k if g == -1 else g for g, k in zip(given, known)] if known is not None and len(known) == len(given) else given
+    axis = parts_axis(values, parts, part_size)
+    return None if axis is None or given[axis] == -1 else axis
 
 
 def static_int(value, known: Mapping[fx.Node, int]) -> int | None:

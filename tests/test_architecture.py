@@ -133,7 +133,7 @@ def test_packages_the_tests_import_are_installed_by_the_test_command():
     canonical = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
     dependencies, extras = _requirements()
     declared = {canonical(r.name) for r in [*dependencies, *extras["test"]]}
-    local = {"fx_shard", "tests"} | {p.stem for p in (ROOT / "tests").rglob("*.py")}
+    local = {"fx_shard", "tests", "benchmarks"} | {p.stem for p in (ROOT / "tests").rglob("*.py")}
     distributions = importlib.metadata.packages_distributions()
     missing = set()
     for path in (ROOT / "tests").rglob("*.py"):

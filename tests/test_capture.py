@@ -258,5 +258,7 @@ def test_a_layer_called_through_its_weight_becomes_a_module_call_and_is_planned(
     assert not gm.graph.find_nodes(op="call_function", target=torch.nn.functional.linear)
     torch.testing.assert_close(gm(x), model(x))
     planned = fx_shard.transform(model, "auto", mesh_shape={"tp": 2}, example_inputs=(x,))
-    assert planned.meta["sharding"].layers["qkv"].specs["weight"] == ("tp", None)
+    layers = planned.meta["sharding"].layers  # a fused qkv through the bias add: split, each part adds its bias
+    assert [layers[f"qkv.{p}"].specs["weight"] for p in "qkv"] == [("tp", None)] * 3
+    assert not planned.graph.find_nodes(op="call_function", target=torch.cat)
     torch.testing.assert_close(planned(x), model(x))

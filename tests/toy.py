@@ -60,12 +60,22 @@ class HeadsAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.layout, self.dim, self.heads = layout, dim, heads
+        if layout == "joined_bias":  # timm BEiT: separate q and v biases, k's zero
+            self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        elif layout == "added_bias":
+            self.extra_bias = nn.Parameter(torch.randn(3 * dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         H, hd = self.heads, self.dim // self.heads
         qkv = self.qkv(x)
-        if self.layout == "timm":
+        if self.layout == "joined_bias":
+            qkv = qkv + torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        elif self.layout == "added_bias":
+            qkv = qkv + self.extra_bias
+        if self.layout in ("joined_bias", "added_bias"):  # the head size left to -1, as BEiT writes it
+            q, k, v = qkv.reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        elif self.layout == "timm":
             q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         elif self.layout == "index":
             qkv = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
@@ -86,7 +96,7 @@ class HeadsAttention(nn.Module):
                 a, b = qkv.split([C + 4, 2 * C - 4], dim=-1)
                 q, k, v = a[..., :C], torch.cat([a[..., C:], b[..., : C - 4]], -1), b[..., C - 4 :]
             q, k, v = (t.view(B, N, H, hd).transpose(1, 2) for t in (q, k, v))
-        if self.layout in ("timm", "index"):
+        if self.layout in ("timm", "index", "joined_bias", "added_bias"):
             out = torch.softmax((q * hd**-0.5) @ k.transpose(-2, -1), dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)

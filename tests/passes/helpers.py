@@ -33,7 +33,8 @@ def fused_cats(gm) -> list:
     """The cats that join all parts of one split layer (the model's own cats are not counted)."""
     found = []
     for cat in gm.graph.find_nodes(op="call_function", target=torch.cat):
-        owners = [sharding_of(a if a.op == "call_module" else a.args[0]) for a in cat.args[0]]
+        sources = [a if a.op == "call_module" else a.args[0] if a.args else None for a in cat.args[0]]
+        owners = [sharding_of(n) if isinstance(n, fx.Node) else None for n in sources]
         parents = {r.part_of for r in owners if r is not None and r.part_of}
         if len(parents) == 1 and len(owners) == len(gm.get_submodule(parents.pop()).part_names):
             found.append(cat)

@@ -10,7 +10,8 @@ from tests.passes.helpers import annotated, fused_cats, split_for
 from tests.toy import QKV_32, HeadsAttention, VllmBlock, seeded
 
 
-@pytest.mark.parametrize("layout", ["timm", "index", "unbind_axis", "split_int", "split_list", "chunk", "slices"])
+@pytest.mark.parametrize("layout", ["timm", "index", "unbind_axis", "split_int", "split_list", "chunk", "slices",
+                                    "joined_bias", "added_bias"])
 def test_rewire_removes_the_concatenation(layout):
     model = seeded(HeadsAttention, layout)
     x = torch.randn(2, 6, 32)
@@ -22,6 +23,10 @@ def test_rewire_removes_the_concatenation(layout):
     torch.testing.assert_close(gm(x), model(x))
     code = gm.code
     assert not RewireFusedConsumers()(gm).modified and gm.code == code
+    if layout == "joined_bias":  # each part adds its own bias; the joined one is gone (no slice of it to shard)
+        FileCheck().check_not("torch.cat(").check_count("torch.add(", 3, exactly=True).run(code)
+    if layout == "added_bias":  # each part adds its slice of the bias
+        FileCheck().check_count("extra_bias[slice(", 3, exactly=True).run(code)
 
 
 def test_rewire_keeps_unrecognised_consumers_and_says_so():
