@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from fx_shard.axes import Spec, axis_names, split_sub_axis
+from fx_shard.axes import DATA_AXES, Spec, axis_names, split_sub_axis
 from fx_shard.capture import generate_code
 from fx_shard.constraint import ShardingConstraint
 from fx_shard.errors import FxShardError, PlanError
@@ -221,8 +221,12 @@ def xla_device() -> torch.device:
     return _torch_xla().device()
 
 
-def make_mesh(tp: int | None = None, *, dp: int = 1, kv: int | None = None):
-    """A mesh over all XLA devices, axes named: ``("tp",)``, with ``("dp", ...)`` first when ``dp > 1``.
+def make_mesh(tp: int | None = None, *, dp: int = 1, fsdp: int = 1, kv: int | None = None):
+    """A mesh over all XLA devices, axes named, data axes outer: ``("dp", "fsdp", ["kv"], "tp")``.
+
+    ``dp`` and ``fsdp`` split the batch (``shard_batch``); parameters are
+    also sharded over ``fsdp`` (``fx_shard.fsdp``). A data axis of size 1 is
+    left out. ``tp`` defaults to the devices the data axes leave.
 
     ``kv`` splits the ``tp`` devices into ``kv`` groups, axes ``("kv", "tp")``:
     for grouped-query attention with fewer KV heads than devices, k/v are
@@ -233,17 +237,20 @@ def make_mesh(tp: int | None = None, *, dp: int = 1, kv: int | None = None):
 
     count = _started().devices
     xs = _torch_xla().distributed.spmd
-    tp = tp if tp is not None else count // dp
-    if dp * tp != count:
+    for name, size in (("dp", dp), ("fsdp", fsdp), ("tp", tp)):
+        if size is not None and size < 1:
+            raise PlanError(f"make_mesh: {name}={size} is not a mesh axis size; give a positive number of devices")
+    tp = tp if tp is not None else count // (dp * fsdp)
+    if dp * fsdp * tp != count:
         raise PlanError(
-            f"mesh dp={dp} x tp={tp} covers {dp * tp} devices, but this process has {count}; "
-            f"a mesh must cover every device: choose dp * tp == {count}"
+            f"make_mesh: dp={dp} x fsdp={fsdp} x tp={tp} covers {dp * fsdp * tp} devices, but this process has "
+            f"{count}; a mesh must cover every device: choose sizes whose product is {count}"
         )
     if kv is not None and (kv < 1 or tp % kv):
         raise PlanError(f"kv={kv} does not divide tp={tp}; choose a kv that divides it (KV heads per group)")
     shape, names = ((kv, tp // kv), ("kv", "tp")) if kv is not None else ((tp,), ("tp",))
-    if dp > 1:
-        shape, names = (dp, *shape), ("dp", *names)
+    data = [(name, size) for name, size in zip(DATA_AXES, (dp, fsdp)) if size > 1]
+    shape, names = (*(size for _, size in data), *shape), (*(name for name, _ in data), *names)
     return xs.Mesh(np.arange(count), shape, names)
 
 
