@@ -406,7 +406,7 @@ def to_device_keeping_ties(module: torch.nn.Module, device: torch.device) -> tor
 
 
 def param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple, str]]:
-    """Each sharded parameter once, by identity, with its spec and owning parameter name."""
+    """Each sharded parameter once, by identity, with its spec and owning parameter name (layers' first)."""
     specs: dict[int, tuple[torch.nn.Parameter, tuple, str]] = {}
     for target, record, name, param in layer_parameters(gm):
         spec = record.specs.get(name)
@@ -420,4 +420,7 @@ def param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple
                 f"{seen[1]} here; give both layers styles that agree (e.g. 'vocab' and 'lm_head')"
             )
         specs[id(param)] = (param, spec, owner)
+    for name, spec in model_sharding(gm).unplanned.items():  # parameters of no layer, on an fsdp mesh
+        param = gm.get_parameter(name)
+        specs.setdefault(id(param), (param, spec, name))
     return specs

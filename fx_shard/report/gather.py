@@ -108,6 +108,8 @@ def parameter_bytes_rows(model: nn.Module, summary: ModelSharding) -> dict[str, 
     specs: dict[int, Spec | None] = {}
     for _, record, name, param in layer_parameters(model):
         specs[id(param)] = record.specs.get(name)
+    planned = set(specs)
+    specs.update((id(model.get_parameter(name)), spec) for name, spec in summary.unplanned.items())
     kinds = {"sharded": [0, 0, 0, 0], "replicated by the plan": [0, 0, 0, 0], "in no planned layer": [0, 0, 0, 0]}
     seen: set[int] = set()
     for param in model.parameters():
@@ -115,10 +117,10 @@ def parameter_bytes_rows(model: nn.Module, summary: ModelSharding) -> dict[str, 
             continue
         seen.add(id(param))
         spec = specs.get(id(param))
-        if any(spec or ()):
-            kind = "sharded"
+        if id(param) not in planned:
+            kind = "in no planned layer"
         else:
-            kind = "replicated by the plan" if id(param) in specs else "in no planned layer"
+            kind = "sharded" if any(spec or ()) else "replicated by the plan"
         size = param.element_size()
         row = kinds[kind]
         row[0] += 1
