@@ -10,12 +10,14 @@ from __future__ import annotations
 import atexit
 import glob
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx
@@ -29,7 +31,7 @@ from fx_shard.sharding import layer_parameters, model_sharding
 __all__ = [
     "aot_mark_sharding", "global_tensor_from_shards", "hlo_dump_dir", "init_runtime", "local_shard_bytes",
     "make_mesh", "mark", "materialize", "mesh_for", "mesh_shape_of", "param_specs", "place_constraint",
-    "require_hlo_dump", "runtime_device_ids", "sync", "tensors_hlo", "to_device_keeping_ties", "xla_device",
+    "require_hlo_dump", "runtime_device_ids", "shard_batch", "sync", "tensors_hlo", "to_device_keeping_ties", "xla_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -252,6 +254,38 @@ def make_mesh(tp: int | None = None, *, dp: int = 1, fsdp: int = 1, kv: int | No
     data = [(name, size) for name, size in zip(DATA_AXES, (dp, fsdp)) if size > 1]
     shape, names = (*(size for _, size in data), *shape), (*(name for name, _ in data), *names)
     return xs.Mesh(np.arange(count), shape, names)
+
+
+def shard_batch(batch: Any, mesh) -> Any:
+    """``batch`` (a tensor or a pytree of tensors) on the XLA device, dimension 0 split over the data axes.
+
+    The mesh's data axes (``dp``, ``fsdp``: those present, outer first) split
+    the batch dimension together, as one spec entry; the other dimensions are
+    replicated (over ``tp``), the layout a data- and tensor-parallel step
+    expects. Leaves that are not tensors are returned as they are.
+    """
+    from torch.utils._pytree import tree_map
+
+    shape = mesh_shape_of(mesh)
+    data = tuple(a for a in DATA_AXES if a in shape)
+    ways = math.prod(shape[a] for a in data)
+    device = xla_device()
+
+    def place(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.dim() == 0 or x.shape[0] % ways:
+            raise PlanError(
+                f"shard_batch: a batch of shape {tuple(x.shape)} does not split over the data axes "
+                f"{' x '.join(f'{a}={shape[a]}' for a in data)} ({ways} devices) on dimension 0; "
+                f"give a batch size that is a multiple of {ways}"
+            )
+        x = x.to(device)
+        if data:
+            mark(x, mesh, (data[0] if len(data) == 1 else data, *(None,) * (x.dim() - 1)))
+        return x
+
+    return tree_map(place, batch)
 
 
 def mesh_shape_of(mesh) -> dict[str, int]:
