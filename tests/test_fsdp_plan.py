@@ -65,6 +65,13 @@ def test_llama_on_fsdp_x_tp_shards_every_parameter_over_both_axes():
     assert per_device <= 1.05 * total / 8
 
 
+def test_the_auto_plan_shards_llama_alike():
+    planned = model_sharding(fx_shard.transform(build("llama"), PLANS["llama"], mesh_shape=MESH))
+    auto = model_sharding(fx_shard.transform(build("llama"), "auto", mesh_shape=MESH))
+    assert {p: r.specs for p, r in auto.layers.items()} == {p: r.specs for p, r in planned.layers.items()}
+    assert auto.unplanned == planned.unplanned
+
+
 def test_fsdp_notes_what_it_cannot_shard():
     gm = fx_shard.transform(build("llama"), PLANS["llama"], mesh_shape={"fsdp": 3, "tp": 2})
     summary = model_sharding(gm)

@@ -84,3 +84,25 @@ def test_shard_batch_splits_dim_0_over_the_data_axes(devices):
     with pytest.raises(fx_shard.PlanError, match=r"a batch of shape \(6, 16\) does not split over the data axes "
                        r"dp=2 x fsdp=2 \(4 devices\) on dimension 0; give a batch size that is a multiple of 4"):
         fx_shard.shard_batch(torch.zeros(6, 16), mesh)
+
+
+@pytest.mark.devices(8)
+def test_training_step_collectives_on_fsdp_x_tp(devices):
+    mesh = fx_shard.make_mesh(fsdp=2, tp=4)
+    gm = fx_shard.shard(models.build("llama"), mesh, PLANS["llama"])
+    batch = fx_shard.shard_batch(models.example_inputs("llama", batch=4)[0], mesh)
+    counts = fx_shard.collectives(gm, batch, loss=lambda logits: _loss(logits, batch))
+    # Forward + backward on fsdp=2 x tp=4 (devices fsdp * 4 + tp), by the groups in XLA's partitioned HLO:
+    # - all-reduce 54: 21 over fsdp, one per parameter's gradient (16 weights, 5 norms; all-reduced whole,
+    #   then sliced: XLA's CPU pipeline forms no reduce-scatter) + 3 scalars of the loss; 18 over tp (the
+    #   vocab-parallel embedding, o_proj and down_proj forward and their input gradients backward, and the
+    #   loss over vocab-sharded logits); 8 over the tp devices sharing a KV head and 4 across KV groups (k/v
+    #   on "tp:2" x fsdp: XLA splits their contraction instead of gathering the weight).
+    # - all-gather 32: 28 over fsdp (11 weights, q/o/gate/up/down per block and lm_head, gathered in the
+    #   forward and again in the backward; the 5 norm weights; the token ids, for the embedding lookup) and
+    #   4 of k/v activations over the devices sharing a KV head.
+    # - collective-permute 8 (the k/v weights, forward and backward), all-to-all 5 (activations between
+    #   batch-sharded and fsdp-sharded layouts: 3 in the forward, after the embedding and each o_proj; 2 in
+    #   the backward).
+    # The forward alone: all-reduce 9, all-gather 17, all-to-all 3, collective-permute 4 (tp=8: 5 all-reduces).
+    assert dict(counts.nonzero()) == {"all-reduce": 54, "all-gather": 32, "all-to-all": 5, "collective-permute": 8}
