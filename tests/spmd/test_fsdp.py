@@ -106,3 +106,11 @@ def test_training_step_collectives_on_fsdp_x_tp(devices):
     #   the backward).
     # The forward alone: all-reduce 9, all-gather 17, all-to-all 3, collective-permute 4 (tp=8: 5 all-reduces).
     assert dict(counts.nonzero()) == {"all-reduce": 54, "all-gather": 32, "all-to-all": 5, "collective-permute": 8}
+
+
+@pytest.mark.devices(8)
+def test_shard_model_refuses_an_fsdp_mesh(devices):
+    model = models.build("llama-vllm")
+    with pytest.raises(fx_shard.PlanError, match=r"shard_model shards over the tensor-parallel axis only, as vLLM's "
+                       r"does, but mesh \{'fsdp': 2, 'tp': 4\} has an 'fsdp' axis; use fx_shard.shard"):
+        fx_shard.shard_model(model, fx_shard.make_mesh(fsdp=2))
