@@ -114,3 +114,20 @@ def test_shard_model_refuses_an_fsdp_mesh(devices):
     with pytest.raises(fx_shard.PlanError, match=r"shard_model shards over the tensor-parallel axis only, as vLLM's "
                        r"does, but mesh \{'fsdp': 2, 'tp': 4\} has an 'fsdp' axis; use fx_shard.shard"):
         fx_shard.shard_model(model, fx_shard.make_mesh(fsdp=2))
+
+
+@pytest.mark.devices(8)
+def test_load_sharded_fills_the_fsdp_layout(devices):
+    from fx_shard.checkpoint import load_sharded
+
+    mesh = fx_shard.make_mesh(fsdp=2, tp=4)
+    model = models.build("llama")
+    gm = fx_shard.shard(models.build("llama", seed=1), mesh, PLANS["llama"])
+    specs = {name: sharding_spec(p) for name, p in gm.named_parameters()}
+    load_sharded(gm, model.state_dict(), mesh)
+    assert {name: sharding_spec(p) for name, p in gm.named_parameters()} == specs
+    assert local_shapes(gm.model.norm.weight) == {(32,)}  # a parameter of no layer, over fsdp
+    assert local_shapes(gm.get_parameter("model.layers.0.mlp.down_proj.weight")) == {(32, 32)}  # (fsdp, tp)
+    (tokens,) = models.example_inputs("llama", batch=4)
+    with torch.no_grad():
+        assert relative_error(gm(fx_shard.shard_batch(tokens, mesh)), model(tokens)) <= 1e-5
