@@ -57,6 +57,9 @@ def test_llama_on_fsdp_x_tp_shards_every_parameter_over_both_axes():
     # The graph's nodes keep the tensor-parallel specs the passes planned with.
     (node,) = [n for n in gm.graph.nodes if n.target == "model.layers.0.mlp.down_proj"]
     assert node.meta["sharding"].specs == {"weight": (None, "tp")}
+    text = fx_shard.report(gm)
+    assert "model.norm                                      weight (64) (fsdp)" in text
+    assert "Parameters in no planned layer (replicated)" not in text
     total, per_device, ideal = parameter_bytes(gm)
     assert total == 410_880
     # Everything over 8 devices but k/v (2 KV heads: over 4 devices, each piece on 2) and the 5 norms (fsdp only).
@@ -79,6 +82,7 @@ def test_fsdp_notes_what_it_cannot_shard():
     assert dict(q.specs) == {"weight": ("tp", None)}
     assert q.notes[-1] == "weight not sharded over fsdp: fsdp=3 divides no whole dimension of (64, 64) (64)"
     assert summary.unplanned == {}  # 64-wide norms: replicated
+    assert "Parameters in no planned layer (replicated)" in fx_shard.report(gm)
     assert parameter_bytes(gm)[1] == parameter_bytes(fx_shard.transform(build("llama"), PLANS["llama"], mesh_shape={"tp": 2}))[1]
 
 

@@ -141,13 +141,20 @@ def parameter_bytes_rows(model: nn.Module, summary: ModelSharding) -> dict[str, 
 
 
 def unplanned_parameters(model: nn.Module) -> list[dict[str, Any]]:
-    """Modules owning parameters that no layer record covers (norms, convolutions, position tables)."""
+    """Modules owning parameters that no layer record covers (norms, convolutions, position tables).
+
+    On an fsdp mesh a parameter sharded over it has its ``spec`` too.
+    """
     recorded = {id(param) for *_, param in layer_parameters(model)}
+    specs = model_sharding(model).unplanned
     owners: dict[str, list[dict[str, Any]]] = {}
     for qualified, param in model.named_parameters():
         if id(param) not in recorded:
             path, _, name = qualified.rpartition(".")
-            owners.setdefault(path, []).append({"name": name, "shape": list(param.shape)})
+            entry = {"name": name, "shape": list(param.shape)}
+            if qualified in specs:
+                entry["spec"] = _spec_json(specs[qualified], param.dim())
+            owners.setdefault(path, []).append(entry)
     return [{"module": path, "parameters": params} for path, params in owners.items()]
 
 
