@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "Style": "fx_shard.styles",
     "init_runtime": "fx_shard.xla",
     "make_mesh": "fx_shard.xla",
+    "shard_batch": "fx_shard.xla",
     "xla_device": "fx_shard.xla",
 }
 
@@ -61,6 +62,7 @@ __all__ = [
     "make_mesh",
     "report",
     "shard",
+    "shard_batch",
     "shard_model",
     "transform",
     "xla_device",
@@ -112,4 +114,4 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see
     from fx_shard.report import report
     from fx_shard.sharding import SHARDING_KEY, ModelSharding, ShardingRecord
     from fx_shard.styles import STYLES, LayerPlan, Style
-    from fx_shard.xla import init_runtime, make_mesh, xla_device
+    from fx_shard.xla import init_runtime, make_mesh, shard_batch, xla_device

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from torch import nn
 
 from fx_shard import styles, xla
-from fx_shard.axes import Axis
+from fx_shard.axes import FSDP_AXIS, Axis
 from fx_shard.check import check as self_check
-from fx_shard.errors import FxShardError
+from fx_shard.errors import FxShardError, PlanError
 from fx_shard.pipeline import Pipeline
 from fx_shard.plan import ShardPlan, resolve_tp_axis
 from fx_shard.split_linear import SplitLinear
@@ -129,7 +129,14 @@ def shard_model(model: nn.Module, mesh) -> None:
     weights on the input features, embeddings and LM heads by vocabulary
     rows). Layers are matched through their base classes, so subclasses count.
     """
-    axis = resolve_tp_axis(xla.mesh_shape_of(mesh))
+    mesh_shape = xla.mesh_shape_of(mesh)
+    if mesh_shape.get(FSDP_AXIS, 1) > 1:
+        raise PlanError(
+            f"shard_model shards over the tensor-parallel axis only, as vLLM's does, but mesh {mesh_shape} has "
+            f"an {FSDP_AXIS!r} axis; use fx_shard.shard, which shards every parameter over it too, or a mesh "
+            "without it (make_mesh(tp=..., dp=...))"
+        )
+    axis = resolve_tp_axis(mesh_shape)
     elsewhere = next(((n, t.device) for n, t in model.named_parameters() if t.device.type != "xla"), None)
     if elsewhere is not None:
         raise FxShardError(

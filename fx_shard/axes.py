@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import torch
 
 __all__ = [
+    "DATA_AXES",
+    "FSDP_AXIS",
     "Axis",
     "Spec",
     "axis_names",
@@ -28,6 +30,11 @@ __all__ = [
 Axis = str | tuple[str, ...]
 # A partition spec: one entry per tensor dimension.
 Spec = tuple[Axis | None, ...]
+
+#: The mesh axes that split the batch (outer first, as ``make_mesh`` orders them); never a tensor-parallel axis.
+DATA_AXES = ("dp", "fsdp")
+#: The data axis over which parameters are sharded too (all-gathered where used), as torch_xla's FSDPv2 does.
+FSDP_AXIS = "fsdp"
 
 
 def axis_names(axis: Axis | None) -> tuple[str, ...]:

@@ -7,7 +7,8 @@ benchmarks all run a ``Pipeline``; nothing else assembles passes. ::
     plan       one ShardingRecord per linear-like layer (ShardPlan precedence, the model's own plan,
                inference); layers outside every graph fitted to whole heads here, as no pass sees them
     rewrite    PASSES on each graph, in order
-    summarize  ModelSharding on the root: every layer's record, the pass diff, what stayed opaque
+    summarize  ModelSharding on the root: every layer's record, the pass diff, what stayed opaque;
+               on an fsdp mesh every parameter's spec gains the fsdp axis here (fx_shard.fsdp)
 
 The pass order and why (each pass reads what the ones before it wrote):
 
@@ -53,6 +54,7 @@ from fx_shard.capture import (
     record_part_inputs,
 )
 from fx_shard.errors import FxShardError, PlanError
+from fx_shard.fsdp import shard_over_fsdp
 from fx_shard.geometry import out_features
 from fx_shard.heads import fit_to_heads
 from fx_shard.hf import hf_plan, use_einsum_attention
@@ -290,13 +292,14 @@ class Pipeline:
                 layers.setdefault(f"{prefix}.{target}" if prefix else target, record)
         layers.update(outside)
         _check_tied(root, layers)
+        layers, unplanned = shard_over_fsdp(root, layers, self.mesh_shape)
         if logger.isEnabledFor(logging.INFO):
             for path, record in layers.items():
                 specs = ", ".join(f"{name} {spec_text(spec)}" for name, spec in record.specs.items()) or "replicated"
                 logger.info("layer %s: %s, %s; %s", path, record.style, specs, record.source)
         summary = ModelSharding(
             self.mesh_shape, self.tp_axis, self.pass_names(), layers, dict(opaque), tuple(diff), frozenset(outside),
-            plan=plan.to_dict() if plan is not None else None, fused=self.fused, notes=notes,
+            plan=plan.to_dict() if plan is not None else None, fused=self.fused, notes=notes, unplanned=unplanned,
         )
         if not hasattr(root, "meta"):
             root.meta = {}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fx_shard import styles
-from fx_shard.axes import Axis, Spec, axis_names, axis_size
+from fx_shard.axes import DATA_AXES, Axis, Spec, axis_names, axis_size
 from fx_shard.capture import own_forward
 from fx_shard.errors import PlanError
 from fx_shard.sharding import ShardingRecord, SourceKind
@@ -212,8 +212,8 @@ def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: Axis | None = None) 
     """The tensor-parallel mesh axis (or axes, major first).
 
     Without ``tp_axis``: ``("kv", "tp")`` on a mesh with a ``kv`` axis (see
-    ``make_mesh(kv=)``); else the only axis larger than 1; else one named
-    ``tp``, ``model`` or ``x``.
+    ``make_mesh(kv=)``); else the only axis larger than 1 that is not a data
+    axis (``dp``, ``fsdp``); else one named ``tp``, ``model`` or ``x``.
     """
     mesh_shape = check_mesh_shape(mesh_shape)
     names = list(mesh_shape)
@@ -225,7 +225,7 @@ def resolve_tp_axis(mesh_shape: Mapping[str, int], tp_axis: Axis | None = None) 
     conventional = [a for a in ("tp", "model", "x") if a in mesh_shape]
     if "kv" in mesh_shape and conventional:
         return ("kv", conventional[0])
-    large = [a for a in names if mesh_shape[a] > 1]
+    large = [a for a in names if mesh_shape[a] > 1 and a not in DATA_AXES]
     if len(large) == 1:
         return large[0]
     if conventional:

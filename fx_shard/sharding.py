@@ -123,6 +123,11 @@ class ModelSharding:
     ``notes`` say which of the model's own code fx_shard kept where it could
     not be sure a replacement computes the same (e.g. a Hugging Face model's
     attention), and why.
+
+    On a mesh with an ``fsdp`` axis (``fx_shard.fsdp``), the records in
+    ``layers`` shard every parameter over ``fsdp`` too, and ``unplanned``
+    holds the specs of parameters in no layer (by name in the root); the
+    records on graph nodes keep the tensor-parallel specs the passes used.
     """
 
     mesh_shape: Mapping[str, int]
@@ -136,6 +141,8 @@ class ModelSharding:
     #: The plan the model was transformed with (``ShardPlan.to_dict()``), and the fused-layer strategy.
     plan: Mapping | None = None
     fused: str = "split"
+    #: Specs of parameters in no layer, by name in the root: only on an fsdp mesh (``fx_shard.fsdp``).
+    unplanned: Mapping[str, Spec] = field(default_factory=dict)
 
 
 def sharding_of(node: fx.Node) -> ShardingRecord | None:

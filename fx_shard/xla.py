@@ -10,17 +10,19 @@ from __future__ import annotations
 import atexit
 import glob
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx
 
-from fx_shard.axes import Spec, axis_names, split_sub_axis
+from fx_shard.axes import DATA_AXES, Spec, axis_names, split_sub_axis
 from fx_shard.capture import generate_code
 from fx_shard.constraint import ShardingConstraint
 from fx_shard.errors import FxShardError, PlanError
@@ -29,7 +31,7 @@ from fx_shard.sharding import layer_parameters, model_sharding
 __all__ = [
     "aot_mark_sharding", "global_tensor_from_shards", "hlo_dump_dir", "init_runtime", "local_shard_bytes",
     "make_mesh", "mark", "materialize", "mesh_for", "mesh_shape_of", "param_specs", "place_constraint",
-    "require_hlo_dump", "runtime_device_ids", "sync", "tensors_hlo", "to_device_keeping_ties", "xla_device",
+    "require_hlo_dump", "runtime_device_ids", "shard_batch", "sync", "tensors_hlo", "to_device_keeping_ties", "xla_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -221,8 +223,12 @@ def xla_device() -> torch.device:
     return _torch_xla().device()
 
 
-def make_mesh(tp: int | None = None, *, dp: int = 1, kv: int | None = None):
-    """A mesh over all XLA devices, axes named: ``("tp",)``, with ``("dp", ...)`` first when ``dp > 1``.
+def make_mesh(tp: int | None = None, *, dp: int = 1, fsdp: int = 1, kv: int | None = None):
+    """A mesh over all XLA devices, axes named, data axes outer: ``("dp", "fsdp", ["kv"], "tp")``.
+
+    ``dp`` and ``fsdp`` split the batch (``shard_batch``); parameters are
+    also sharded over ``fsdp`` (``fx_shard.fsdp``). A data axis of size 1 is
+    left out. ``tp`` defaults to the devices the data axes leave.
 
     ``kv`` splits the ``tp`` devices into ``kv`` groups, axes ``("kv", "tp")``:
     for grouped-query attention with fewer KV heads than devices, k/v are
@@ -233,18 +239,53 @@ def make_mesh(tp: int | None = None, *, dp: int = 1, kv: int | None = None):
 
     count = _started().devices
     xs = _torch_xla().distributed.spmd
-    tp = tp if tp is not None else count // dp
-    if dp * tp != count:
+    for name, size in (("dp", dp), ("fsdp", fsdp), ("tp", tp)):
+        if size is not None and size < 1:
+            raise PlanError(f"make_mesh: {name}={size} is not a mesh axis size; give a positive number of devices")
+    tp = tp if tp is not None else count // (dp * fsdp)
+    if dp * fsdp * tp != count:
         raise PlanError(
-            f"mesh dp={dp} x tp={tp} covers {dp * tp} devices, but this process has {count}; "
-            f"a mesh must cover every device: choose dp * tp == {count}"
+            f"make_mesh: dp={dp} x fsdp={fsdp} x tp={tp} covers {dp * fsdp * tp} devices, but this process has "
+            f"{count}; a mesh must cover every device: choose sizes whose product is {count}"
         )
     if kv is not None and (kv < 1 or tp % kv):
         raise PlanError(f"kv={kv} does not divide tp={tp}; choose a kv that divides it (KV heads per group)")
     shape, names = ((kv, tp // kv), ("kv", "tp")) if kv is not None else ((tp,), ("tp",))
-    if dp > 1:
-        shape, names = (dp, *shape), ("dp", *names)
+    data = [(name, size) for name, size in zip(DATA_AXES, (dp, fsdp)) if size > 1]
+    shape, names = (*(size for _, size in data), *shape), (*(name for name, _ in data), *names)
     return xs.Mesh(np.arange(count), shape, names)
+
+
+def shard_batch(batch: Any, mesh) -> Any:
+    """``batch`` (a tensor or a pytree of tensors) on the XLA device, dimension 0 split over the data axes.
+
+    The mesh's data axes (``dp``, ``fsdp``: those present, outer first) split
+    the batch dimension together, as one spec entry; the other dimensions are
+    replicated (over ``tp``), the layout a data- and tensor-parallel step
+    expects. Leaves that are not tensors are returned as they are.
+    """
+    from torch.utils._pytree import tree_map
+
+    shape = mesh_shape_of(mesh)
+    data = tuple(a for a in DATA_AXES if a in shape)
+    ways = math.prod(shape[a] for a in data)
+    device = xla_device()
+
+    def place(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.dim() == 0 or x.shape[0] % ways:
+            raise PlanError(
+                f"shard_batch: a batch of shape {tuple(x.shape)} does not split over the data axes "
+                f"{' x '.join(f'{a}={shape[a]}' for a in data)} ({ways} devices) on dimension 0; "
+                f"give a batch size that is a multiple of {ways}"
+            )
+        x = x.to(device)
+        if data:
+            mark(x, mesh, (data[0] if len(data) == 1 else data, *(None,) * (x.dim() - 1)))
+        return x
+
+    return tree_map(place, batch)
 
 
 def mesh_shape_of(mesh) -> dict[str, int]:
@@ -399,7 +440,7 @@ def to_device_keeping_ties(module: torch.nn.Module, device: torch.device) -> tor
 
 
 def param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple, str]]:
-    """Each sharded parameter once, by identity, with its spec and owning parameter name."""
+    """Each sharded parameter once, by identity, with its spec and owning parameter name (layers' first)."""
     specs: dict[int, tuple[torch.nn.Parameter, tuple, str]] = {}
     for target, record, name, param in layer_parameters(gm):
         spec = record.specs.get(name)
@@ -413,4 +454,7 @@ def param_specs(gm: fx.GraphModule) -> dict[int, tuple[torch.nn.Parameter, tuple
                 f"{seen[1]} here; give both layers styles that agree (e.g. 'vocab' and 'lm_head')"
             )
         specs[id(param)] = (param, spec, owner)
+    for name, spec in model_sharding(gm).unplanned.items():  # parameters of no layer, on an fsdp mesh
+        param = gm.get_parameter(name)
+        specs.setdefault(id(param), (param, spec, name))
     return specs

@@ -113,6 +113,12 @@ def test_style_must_fit_the_layer():
         ({"a": 1}, None, "a"),
         ({"kv": 2, "tp": 4}, None, ("kv", "tp")),
         ({"dp": 2, "kv": 2, "tp": 2}, None, ("kv", "tp")),
+        # make_mesh's FSDP meshes: a data axis is never the tensor-parallel one, even when tp has size 1
+        ({"fsdp": 2, "tp": 4}, None, "tp"),
+        ({"dp": 2, "fsdp": 2, "tp": 2}, None, "tp"),
+        ({"fsdp": 8, "tp": 1}, None, "tp"),
+        ({"dp": 8, "tp": 1}, None, "tp"),
+        ({"fsdp": 2, "kv": 2, "tp": 2}, None, ("kv", "tp")),
     ],
 )
 def test_tp_axis(mesh, given, axis):

@@ -108,6 +108,8 @@ def parameter_bytes_rows(model: nn.Module, summary: ModelSharding) -> dict[str, 
     specs: dict[int, Spec | None] = {}
     for _, record, name, param in layer_parameters(model):
         specs[id(param)] = record.specs.get(name)
+    planned = set(specs)
+    specs.update((id(model.get_parameter(name)), spec) for name, spec in summary.unplanned.items())
     kinds = {"sharded": [0, 0, 0, 0], "replicated by the plan": [0, 0, 0, 0], "in no planned layer": [0, 0, 0, 0]}
     seen: set[int] = set()
     for param in model.parameters():
@@ -115,10 +117,10 @@ def parameter_bytes_rows(model: nn.Module, summary: ModelSharding) -> dict[str, 
             continue
         seen.add(id(param))
         spec = specs.get(id(param))
-        if any(spec or ()):
-            kind = "sharded"
+        if id(param) not in planned:
+            kind = "in no planned layer"
         else:
-            kind = "replicated by the plan" if id(param) in specs else "in no planned layer"
+            kind = "sharded" if any(spec or ()) else "replicated by the plan"
         size = param.element_size()
         row = kinds[kind]
         row[0] += 1
@@ -139,13 +141,20 @@ def parameter_bytes_rows(model: nn.Module, summary: ModelSharding) -> dict[str, 
 
 
 def unplanned_parameters(model: nn.Module) -> list[dict[str, Any]]:
-    """Modules owning parameters that no layer record covers (norms, convolutions, position tables)."""
+    """Modules owning parameters that no layer record covers (norms, convolutions, position tables).
+
+    On an fsdp mesh a parameter sharded over it has its ``spec`` too.
+    """
     recorded = {id(param) for *_, param in layer_parameters(model)}
+    specs = model_sharding(model).unplanned
     owners: dict[str, list[dict[str, Any]]] = {}
     for qualified, param in model.named_parameters():
         if id(param) not in recorded:
             path, _, name = qualified.rpartition(".")
-            owners.setdefault(path, []).append({"name": name, "shape": list(param.shape)})
+            entry = {"name": name, "shape": list(param.shape)}
+            if qualified in specs:
+                entry["spec"] = _spec_json(specs[qualified], param.dim())
+            owners.setdefault(path, []).append(entry)
     return [{"module": path, "parameters": params} for path, params in owners.items()]
 
 

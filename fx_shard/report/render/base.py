@@ -247,13 +247,16 @@ class Renderer(ABC):
             )
         else:
             out += self.para("None: every planned layer is sharded.")
-        out += self.heading("Parameters in no planned layer (replicated)", 3)
+        over_fsdp = any("spec" in p for r in left["unplanned"] for p in r["parameters"])
+        out += self.heading("Parameters in no planned layer" + ("" if over_fsdp else " (replicated)"), 3)
         if left["unplanned"]:
             out += self.para(self.prose(FOLD_NOTE)) if note == "unplanned" else []
             out += self.table(
                 [
                     [self.code(r["module"]) or "(root)", _count(r["count"]),
-                     self.prose(", ".join(f"{p['name']} {_shape(p['shape'])}" for p in r["parameters"]))]
+                     self.prose(", ".join(f"{p['name']} {_shape(p['shape'])} {_spec(p.get('spec', []))}"
+                                          if over_fsdp else f"{p['name']} {_shape(p['shape'])}"
+                                          for p in r["parameters"]))]
                     for r in left["unplanned"]
                 ],
                 ["module", "×", "parameters"],
