@@ -59,10 +59,11 @@ def generate(
     if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1)):
         raise ValueError(f"fx_shard.generate: temperature={temperature}, top_k={top_k}; sampling needs temperature > 0 and top_k >= 1")
     device = next(model.parameters()).device
+    input_ids = input_ids.cpu()
     batch, length = input_ids.shape
     bucket = prompt_bucket(length)
     cache_len = 1 << (bucket + max_new_tokens - 1).bit_length()
-    valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+    valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask.cpu().to(input_ids.dtype)
     pad = bucket - length
     ids = torch.nn.functional.pad(input_ids, (pad, 0)).to(device)
     # Which cache slots hold a token of each row: the prompt's own, and every slot after the bucket.
@@ -74,6 +75,11 @@ def generate(
 
     config = model.config
     cache = StaticCache(config=config, max_cache_len=cache_len)
+    if any(layer.is_sliding for layer in cache.layers):
+        raise FxShardError(
+            f"fx_shard.generate: {type(model).__name__} has sliding-window attention layers, whose cache and masks "
+            "it does not build yet (issue 14); use transformers' generate, or a config without sliding_window"
+        )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache.early_initialization(batch, config.num_key_value_heads, head_dim, model.dtype, device)
     for layer, spec in zip(cache.layers, specs):

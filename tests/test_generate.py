@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fx_shard
+from fx_shard import xla
 from fx_shard.generate import prompt_bucket
 from tests.hf_models import build_hf, hf_inputs
 
@@ -19,3 +20,11 @@ def test_a_model_fx_shard_did_not_shard_is_refused_with_what_to_do():
     transformed = fx_shard.transform(build_hf("llama"), "auto", mesh_shape={"tp": 2}, example_kwargs=hf_inputs())
     with pytest.raises(fx_shard.FxShardError, match="was not sharded"):
         fx_shard.generate(transformed, torch.ones(1, 4, dtype=torch.long), 4)
+
+
+def test_sliding_window_attention_is_refused_before_any_device_work():
+    # Mistral's layers are sliding-window ones: StaticCache gives them a rolling layout the masks here do not follow.
+    model = fx_shard.transform(build_hf("mistral"), "auto", mesh_shape={"tp": 2}, example_kwargs=hf_inputs())
+    model.meta[xla.MESH_KEY] = "a mesh (never used: the refusal comes first)"
+    with pytest.raises(fx_shard.FxShardError, match="MistralForCausalLM has sliding-window attention layers"):
+        fx_shard.generate(model, torch.ones(1, 4, dtype=torch.long), 4)
