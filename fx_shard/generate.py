@@ -66,10 +66,8 @@ def generate(
     valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask.cpu().to(input_ids.dtype)
     pad = bucket - length
     ids = torch.nn.functional.pad(input_ids, (pad, 0)).to(device)
-    # Which cache slots hold a token of each row: the prompt's own, and every slot after the bucket.
-    keys_valid = torch.nn.functional.pad(valid, (pad, cache_len - bucket), value=1)
-    keys_valid[:, :pad] = 0
-    keys_valid = keys_valid.to(device).bool()
+    # Which cache slots hold a token of each row: not the pads, every slot after the bucket.
+    keys_valid = torch.cat([torch.zeros(batch, pad), valid, torch.ones(batch, cache_len - bucket)], dim=1).to(device).bool()
     positions = (valid.cumsum(-1) - 1).clamp(min=0)
     positions = torch.nn.functional.pad(positions, (pad, 0)).to(device)
 

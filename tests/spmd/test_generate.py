@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import local_shapes
+from conftest import local_shapes, relative_error
 
 import fx_shard
 from fx_shard import xla
@@ -43,10 +43,14 @@ def test_greedy_tokens_compile_once_with_the_cache_sharded(llama):
     # vocabulary-sharded logits gathers one (max, index) pair per device and row; the cache updates add nothing.
     stats = {op: (s.count, s.bytes) for op, s in collectives_in([decode]).items() if s.count}
     assert stats == {"all-reduce": (5, stats["all-reduce"][1]), "all-gather": (2, 2 * 2 * 4 * 4)}
-    assert len(cache) == 2
-    for keys, values in cache:
+    with torch.no_grad():
+        prompt_cache = model(ids, use_cache=True).cache  # the unsharded model's own cache of the prompt
+    assert len(cache) == len(prompt_cache.layers) == 2
+    for (keys, values), own in zip(cache, prompt_cache.layers):
         assert keys.shape == values.shape == (2, 2, 64, 8)
-        assert local_shapes(keys) == local_shapes(values) == {(2, 1, 64, 8)}  # one KV head per device
+        assert local_shapes(keys) == local_shapes(values) == {(2, 1, 64, 8)}  # one KV head on each pair of devices
+        # The prompt (bucket 8, no pads) in the first 8 slots, as the unsharded model computes it.
+        assert relative_error(keys[:, :, :8], own.keys) <= 1e-4 and relative_error(values[:, :, :8], own.values) <= 1e-4
 
     again = xla.compilations()
     ids = prompts(2)
