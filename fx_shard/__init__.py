@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "CaptureError": "fx_shard.errors",
     "FxShardError": "fx_shard.errors",
     "PlanError": "fx_shard.errors",
+    "generate": "fx_shard.generate",
     "Pipeline": "fx_shard.pipeline",
     "ShardPlan": "fx_shard.plan",
     "report": "fx_shard.report",
@@ -57,6 +58,7 @@ __all__ = [
     "ShardingRecord",
     "Style",
     "collectives",
+    "generate",
     "init_runtime",
     "load_sharded",
     "make_mesh",
@@ -86,7 +88,7 @@ def __dir__() -> list[str]:
 class _Package(_types.ModuleType):
     """fx_shard's module type: a submodule never hides the public name it shares.
 
-    ``report``, ``collectives``, ``check`` and ``backend`` are both functions
+    ``report``, ``collectives``, ``check``, ``backend`` and ``generate`` are both functions
     here and submodules; importing a submodule sets the package's attribute of
     that name to the module, which would hide the function. Skipping that
     assignment keeps ``fx_shard.report`` the function, as an eager
@@ -109,6 +111,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see
     from fx_shard.checkpoint import load_sharded
     from fx_shard.collectives import Collectives, collectives
     from fx_shard.errors import CaptureError, FxShardError, PlanError
+    from fx_shard.generate import generate
     from fx_shard.pipeline import Pipeline
     from fx_shard.plan import ShardPlan
     from fx_shard.report import report

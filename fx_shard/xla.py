@@ -29,14 +29,17 @@ from fx_shard.errors import FxShardError, PlanError
 from fx_shard.sharding import layer_parameters, model_sharding
 
 __all__ = [
-    "aot_mark_sharding", "global_tensor_from_shards", "hlo_dump_dir", "init_runtime", "local_shard_bytes",
+    "MESH_KEY", "aot_mark_sharding", "compilations", "global_tensor_from_shards", "hlo_dump_dir", "init_runtime", "local_shard_bytes",
     "make_mesh", "mark", "materialize", "mesh_for", "mesh_shape_of", "param_specs", "place_constraint",
-    "require_hlo_dump", "runtime_device_ids", "shard_batch", "sync", "tensors_hlo", "to_device_keeping_ties", "xla_device",
+    "require_hlo_dump", "runtime_device_ids", "shard_batch", "step", "sync", "tensors_hlo", "to_device_keeping_ties",
+    "xla_device",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_DEVICES = 8
+#: Where ``materialize`` keeps the mesh on the model (``root.meta``), for whatever shards tensors beside it (a KV cache).
+MESH_KEY = "fx_shard_mesh"
 
 
 def _torch_xla():
@@ -350,6 +353,7 @@ def materialize(gm: fx.GraphModule, mesh) -> fx.GraphModule:
     for module in gm.modules():
         if isinstance(module, ShardingConstraint):
             place_constraint(module, mesh)
+    gm.meta[MESH_KEY] = mesh
     summary = model_sharding(gm)
     for path in summary.outside:  # layers outside graphs: a hook, not a node
         record = summary.layers[path]
@@ -386,6 +390,24 @@ def aot_mark_sharding():
 def sync(tensors: list[torch.Tensor]) -> None:
     """Compute ``tensors`` on the device now (one XLA program)."""
     _torch_xla()._XLAC._xla_sync_multi(tensors, [], True, True)
+
+
+def step() -> None:
+    """End the traced step: compute every pending tensor (one XLA program) and start the next trace afresh.
+
+    Unlike ``sync``, this also resets torch_xla's random seed to a device value,
+    so a step that samples traces the same program every time.
+    """
+    _torch_xla().sync()
+
+
+def compilations() -> int:
+    """How many programs XLA has compiled in this process so far (torch_xla's ``CompileTime`` metric)."""
+    _torch_xla()
+    import torch_xla.debug.metrics as metrics
+
+    data = metrics.metric_data("CompileTime")
+    return data[0] if data else 0
 
 
 def tensors_hlo(tensors: list[torch.Tensor]) -> str:
