@@ -234,7 +234,12 @@ def _reads_shape_only(node: fx.Node) -> bool:
 def _local_step(node: fx.Node, after_scores: bool, module_called) -> bool | None:
     """Whether ``node`` keeps features local: None if not; else whether its output's last dim is attention keys."""
     if node.op == "call_module":
-        return after_scores if isinstance(module_called(node), _LOCAL_MODULES) else None
+        module = module_called(node)
+        if isinstance(module, (nn.Softmax, nn.LogSoftmax)):  # timm Swin's attn.softmax: over the keys, as F.softmax
+            last = rank(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+            over_last = module.dim in (None, -1) or (last is not None and module.dim == last - 1)
+            return None if over_last and not after_scores else after_scores
+        return after_scores if isinstance(module, _LOCAL_MODULES) else None
     op = op_of(node)
     if op is None or op in _NORMS:
         return None

@@ -154,3 +154,26 @@ def test_auto_on_gpt2_without_inputs_plans_from_its_dummy_inputs_without_a_cache
     assert (layers["transformer.h.0.attn.c_attn"].style, layers["transformer.h.0.attn.c_proj"].style) == ("qkv", "rowwise")
     assert all(r.specs for p, r in layers.items() if ".h." in p)
     torch.testing.assert_close(root(**hf_inputs()).logits, model(**hf_inputs()).logits)
+
+
+class _SoftmaxModuleAttention(torch.nn.Module):
+    """timm Swin's attention: the scores through an nn.Softmax module."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.qkv, self.proj, self.softmax, self.heads = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), \
+            torch.nn.Softmax(dim=-1), heads
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.softmax((q * 0.25) @ k.transpose(-2, -1))
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_an_nn_softmax_over_the_keys_keeps_the_heads_local():
+    model, x = _SoftmaxModuleAttention(), torch.randn(2, 5, 32)
+    root = fx_shard.transform(model, "auto", mesh_shape={"tp": 2}, example_inputs=(x,))
+    layers = root.meta[SHARDING_KEY].layers
+    assert [layers[f"qkv.{p}"].style for p in "qkv"] == ["colwise"] * 3 and layers["proj"].style == "rowwise"
+    torch.testing.assert_close(root(x), model(x))
