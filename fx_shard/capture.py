@@ -7,11 +7,12 @@ layers, ours, and their subclasses).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "generate_code",
     "is_linear_like",
     "linear_like_modules",
+    "modes_kept",
     "own_forward",
     "propagate_shapes",
     "record_part_inputs",
@@ -66,6 +68,17 @@ def own_forward(module: nn.Module) -> str | None:
         if "forward" in vars(cls):
             return cls.__name__
     return None
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Whatever the block does to ``model``'s train/eval modes, each module's own mode is put back after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class LinearLeafTracer(fx.Tracer):
@@ -106,21 +119,17 @@ def capture(model: nn.Module, concrete_args: Mapping[str, object] | None = None)
     """
     graph = _trace(model, concrete_args)
     if _reads_training(model):
-        modes = [(m, m.training) for m in model.modules()]
-        model.train(not model.training)
-        try:
+        with modes_kept(model):
+            model.train(not model.training)
             other = _trace(model, concrete_args)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         if not _same_computation(graph, other, model):
             raise CaptureError(
                 f"{type(model).__name__}'s forward computes something else in train() and in eval() "
                 "(its code reads self.training); it keeps its own code"
             )
+    _linear_calls_to_modules(graph, model)
     # Lazy: its Python code is generated when first needed (a call, ``.code``), not here; the
     # pipeline rewrites the graph first, and generating code for 80 layers costs a quarter second.
-    _linear_calls_to_modules(graph, model)
     gm = _LazyGraphModule(model, graph, type(model).__name__)
     _match_original_layout(model, gm)
     return gm

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fx_shard import xla
+from fx_shard.capture import modes_kept
 from fx_shard.errors import FxShardError
 from fx_shard.sharding import Layout, transformed
 
@@ -135,13 +136,9 @@ def _device_of(model: nn.Module) -> torch.device:
 @contextlib.contextmanager
 def _evaluating(model: nn.Module) -> Iterator[None]:
     """``model`` in ``eval()``, each module's own mode put back after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with modes_kept(model):
+        model.eval()
         yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _call(model: nn.Module, args: tuple, kwargs: dict) -> object:
