@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fx_shard.errors import FxShardError
+from fx_shard.timing import timed
 
 __all__ = ["main"]
 
@@ -329,13 +330,8 @@ class _Clock:
         self.start = time.perf_counter()
         self.phases: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+    def __call__(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return timed(self.phases, name)
 
     def total(self) -> float:
         return time.perf_counter() - self.start

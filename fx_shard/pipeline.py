@@ -33,7 +33,6 @@ import inspect
 import logging
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -82,6 +81,7 @@ from fx_shard.sharding import (
     transformed,
 )
 from fx_shard.styles import Colwise, Replicate
+from fx_shard.timing import timed
 
 __all__ = ["FUSED_STRATEGIES", "PASSES", "Pipeline"]
 
@@ -181,25 +181,25 @@ class Pipeline:
         _check_host_model(model)
         shard_plan = ShardPlan.coerce(plan)
         with _gc_paused():
-            with self._phase("copy"):
+            with timed(self.timings, "copy"):
                 model_copy = copy.deepcopy(model)
-            with self._phase("capture"):
+            with timed(self.timings, "capture"):
                 captured = capture_parts(model_copy, example_inputs, example_kwargs)
             if example_inputs is not None or example_kwargs:
-                with self._phase("shapes"):
+                with timed(self.timings, "shapes"):
                     _defer_part_shapes(captured, tuple(example_inputs or ()), dict(example_kwargs or {}))
-            with self._phase("plan"):
+            with timed(self.timings, "plan"):
                 records, outside = self._plan(model, captured, shard_plan, example_inputs, example_kwargs)
             diff = []
             for prefix, gm in captured.parts.items():
                 diff += self.rewrite(gm, _under(records, prefix), prefix)
-            with self._phase("summarize"):
+            with timed(self.timings, "summarize"):
                 kept = use_einsum_attention(captured.root)
                 notes = (f"attention: {kept}",) if kept else ()
                 outside_records = {p: records[p] for p in outside}
                 self.summarize(captured.root, captured.parts, outside_records, captured.opaque, diff, shard_plan, notes)
             if not _on_meta(captured.root):
-                with self._phase("code"):
+                with timed(self.timings, "code"):
                     generate_code(captured.root)
             return captured.root
 
@@ -232,14 +232,14 @@ class Pipeline:
         if not shard_plan.auto:
             _warn_if_nothing_planned(root, every_record)
         with _gc_paused():
-            with self._phase("capture"):
+            with timed(self.timings, "capture"):
                 opaque = capture(gm)
             layers = linear_like_modules(gm)
             here = ShardPlan(
                 {p: layer for p, layer in shard_plan.entries.items() if any(ShardPlan({p: layer}).match(n) for n in layers)},
                 class_rules=shard_plan.class_rules, auto=shard_plan.auto,
             )
-            with self._phase("plan"):
+            with timed(self.timings, "plan"):
                 model_plan = hf_plan(root) if here.auto else {}
                 found = infer_plan(gm, self.ways) if here.auto else {}
                 records = here.resolve(layers, self.mesh_shape, self.tp_axis, found, model_plan)
@@ -257,13 +257,13 @@ class Pipeline:
         needed (a call, ``.code``, ``load_sharded``).
         """
         diff = []
-        with self._phase("diff"):
+        with timed(self.timings, "diff"):
             before = _snapshot(gm)
         for p in self._passes(records):
             name = type(p).__name__
-            with self._phase(f"pass {name}"):
+            with timed(self.timings, f"pass {name}"):
                 p(gm)
-            with self._phase("diff"):
+            with timed(self.timings, "diff"):
                 after = _snapshot(gm)
                 diff.append(_diff(name, part, before, after))
             changed = diff[-1]
@@ -359,16 +359,8 @@ class Pipeline:
                 "plan=None and the same mesh to keep this one as it is"
             )
         logger.info("fx_shard: %s was already transformed for mesh %s; kept as it is", name, dict(done.mesh_shape))
-        with self._phase("copy"):
+        with timed(self.timings, "copy"):
             return copy.deepcopy(model)
-
-    @contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _same_plan(plan: ShardPlan, data: Mapping | None) -> bool:
