@@ -79,7 +79,9 @@ def shard_over_fsdp(
         records[path] = replace(record, specs=specs, notes=tuple(notes))
     unplanned: dict[str, Spec] = {}
     for qualified, param in root.named_parameters():
+        if id(param) in covered:
+            continue
         spec, why = fsdp_spec(None, param.shape, mesh_shape)
-        if id(param) not in covered and why is None:
+        if why is None:
             unplanned[qualified] = spec
     return records, unplanned
