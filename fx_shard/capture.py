@@ -25,10 +25,13 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils import _pytree as pytree
 
 from fx_shard import styles
+from fx_shard.capture_nn import IN_PROJ, packed_projections_to_modules, restore_packed_keys, traceable_form
 from fx_shard.errors import CaptureError
 from fx_shard.geometry import is_transposed_linear
 
 logger = logging.getLogger(__name__)
+
+KEPT_WHOLE_KEY = "fx_shard_kept_whole"  # GraphModule.meta: torch.nn layers the graph calls whole although they have a traceable form
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
@@ -89,8 +92,29 @@ class LinearLeafTracer(fx.Tracer):
     parameters at each read (quadratic in the model's size).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._inlined: set[nn.Module] = set()
+        self.kept_whole: dict[str, str] = {}  # torch.nn layers left leaves although they have a traceable form, and why
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if m in self._inlined:
+            return False
         return is_linear_like(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict):
+        """A torch.nn layer with a traceable form (``capture_nn``) is inlined as that form; else as torch.fx does."""
+        path = self.path_of_module(m)
+        form, why = traceable_form(m, args, kwargs)
+        if why is not None:
+            self.kept_whole[path] = why
+        if form is None:
+            return super().call_module(m, forward, args, kwargs)
+        self._inlined.add(m)
+        try:
+            return super().call_module(m, functools.partial(form, lambda: self.create_proxy("get_attr", f"{path}.training", (), {})), args, kwargs)
+        finally:
+            self._inlined.discard(m)
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
         if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
@@ -117,27 +141,45 @@ def capture(model: nn.Module, concrete_args: Mapping[str, object] | None = None)
     at each call. It is torch.fx's lazy kind: ``recompile`` marks the code
     stale and the code is regenerated once, when next needed.
     """
-    graph = _trace(model, concrete_args)
+    graph, kept_whole = _trace(model, concrete_args)
     if _reads_training(model):
         with modes_kept(model):
             model.train(not model.training)
-            other = _trace(model, concrete_args)
+            other, _ = _trace(model, concrete_args)
         if not _same_computation(graph, other, model):
             raise CaptureError(
                 f"{type(model).__name__}'s forward computes something else in train() and in eval() "
                 "(its code reads self.training); it keeps its own code"
             )
     _linear_calls_to_modules(graph, model)
-    # Lazy: its Python code is generated when first needed (a call, ``.code``), not here; the
-    # pipeline rewrites the graph first, and generating code for 80 layers costs a quarter second.
-    gm = _LazyGraphModule(model, graph, type(model).__name__)
-    _match_original_layout(model, gm)
+    gm = _graph_module(model, graph)
+    gm.meta[KEPT_WHOLE_KEY] = {path: f"a torch.nn layer kept as written: {why}" for path, why in kept_whole.items()}
     return gm
 
 
-def _trace(model: nn.Module, concrete_args: Mapping[str, object] | None) -> fx.Graph:
+def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The GraphModule of ``graph`` over ``model``'s submodules, with the model's state_dict layout."""
+    packed = packed_projections_to_modules(graph, model)
+    for path, layer in packed.items():  # installed while the GraphModule copies its submodules
+        model.get_submodule(path).add_module(IN_PROJ, layer)
     try:
-        graph = LinearLeafTracer().trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+        # Lazy: its Python code is generated when first needed (a call, ``.code``), not here; the
+        # pipeline rewrites the graph first, and generating code for 80 layers costs a quarter second.
+        gm = _LazyGraphModule(model, graph, type(model).__name__)
+        _match_original_layout(model, gm)
+    finally:
+        for path in packed:
+            del model.get_submodule(path)._modules[IN_PROJ]
+    for path in packed:
+        restore_packed_keys(gm.get_submodule(path))
+    return gm
+
+
+def _trace(model: nn.Module, concrete_args: Mapping[str, object] | None) -> tuple[fx.Graph, dict[str, str]]:
+    """The graph, and the torch.nn layers left leaves although they have a traceable form (path: why)."""
+    tracer = LinearLeafTracer()
+    try:
+        graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as e:
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
@@ -148,7 +190,7 @@ def _trace(model: nn.Module, concrete_args: Mapping[str, object] | None) -> fx.G
         name = node.target.rpartition("_")[0]
         if concrete_args and name in concrete_args and not isinstance(concrete_args[name], tuple):
             node.target = name
-    return graph
+    return graph, tracer.kept_whole
 
 
 def _linear_calls_to_modules(graph: fx.Graph, model: nn.Module) -> None:
@@ -247,7 +289,7 @@ def capture_parts(model: nn.Module, args: tuple | None = None, kwargs: Mapping |
     except CaptureError:
         pass
     else:
-        return Captured(gm, {"": gm}, {})
+        return Captured(gm, {"": gm}, dict(gm.meta[KEPT_WHOLE_KEY]))
     calls = _call_arguments(model, tuple(args or ()), dict(kwargs or {})) if args is not None or kwargs else None
     parts: dict[str, fx.GraphModule] = {}
     opaque: dict[str, str] = {}
@@ -269,6 +311,8 @@ def capture_parts(model: nn.Module, args: tuple | None = None, kwargs: Mapping |
             visit(f"{path}.{name}" if path else name, child)
 
     visit("", model)
+    for path, gm in parts.items():
+        opaque.update({f"{path}.{inner}": why for inner, why in gm.meta[KEPT_WHOLE_KEY].items()})
     for path, gm in parts.items():
         owner, _, field = path.rpartition(".")
         setattr(model.get_submodule(owner), field, gm)

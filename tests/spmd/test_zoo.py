@@ -27,7 +27,8 @@ def _on(device, values):
 # The cases at the Megatron optimum on 8 devices (Case.optimum all-reduces, no other collective): docs/zoo.md
 # lists what the others pay, the work of the architectures issue.
 AT_OPTIMUM = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "olmo", "opt", "starcoder2", "stablelm",
-              "distilbert", "bart", "whisper", "timm-vit", "timm-beit", "timm-swin"}
+              "distilbert", "bart", "whisper", "timm-vit", "timm-beit", "timm-swin", "torchvision-vit", "nn-encoder",
+              "nn-encoder-prenorm"}
 
 
 @pytest.mark.devices(8)
