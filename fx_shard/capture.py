@@ -28,12 +28,12 @@ from fx_shard import styles
 from fx_shard.capture_nn import IN_PROJ, packed_projections_to_modules, restore_packed_keys, traceable_form
 from fx_shard.errors import CaptureError
 from fx_shard.geometry import is_transposed_linear
+from fx_shard.patterns import SDPA
 
 logger = logging.getLogger(__name__)
 
 KEPT_WHOLE_KEY = "fx_shard_kept_whole"  # GraphModule.meta: torch.nn layers the graph calls whole although they have a traceable form
 
-_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 __all__ = [
     "Captured",
@@ -508,7 +508,7 @@ class _MetaShapes(fx.Interpreter):
         return result
 
     def call_function(self, target, args, kwargs):
-        if target in _SDPA:
+        if target in SDPA:
             query, key, value = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(("query", "key", "value")))
             grad = query.requires_grad or key.requires_grad or value.requires_grad
             return query.new_empty((*query.shape[:-1], value.shape[-1])).requires_grad_(grad)
@@ -517,7 +517,7 @@ class _MetaShapes(fx.Interpreter):
 
 def _call_key(n: fx.Node, args: tuple, kwargs: dict) -> tuple | None:
     """The layout key of a torch op's call, or None for calls not to remember (modules, user functions, attention)."""
-    if n.op != "call_method" and not (n.op == "call_function" and _is_torch_op(n.target) and n.target not in _SDPA):
+    if n.op != "call_method" and not (n.op == "call_function" and _is_torch_op(n.target) and n.target not in SDPA):
         return None
     try:
         return _layout_key((n.op, n.target, args, kwargs))

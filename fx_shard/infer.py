@@ -33,6 +33,7 @@ from fx_shard.patterns import (
     RESHAPE,
     bias_added,
     op_of,
+    parts_taken_apart,
     rank,
     reshape_parts_axis,
     shape_of,
@@ -284,7 +285,8 @@ def _fused_layout(node: fx.Node, features: int) -> tuple[str, list[int], str] | 
             return style, sections, f"output split {sections}"
         if op_of(user) in RESHAPE and user.args[0] is output:
             for parts in (3, 2):
-                if features % parts == 0 and reshape_parts_axis(user, output, features, parts, features // parts) is not None:
+                axis = reshape_parts_axis(user, output, features, parts, features // parts) if features % parts == 0 else None
+                if axis is not None and parts_taken_apart(user, axis) is not None:  # else heads, not parts
                     style = QKV.name if parts == 3 else MergedColwise.name
                     return style, [features // parts] * parts, f"output reshaped to {parts} parts"
     return None

@@ -11,6 +11,7 @@ import operator
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 __all__ = [
@@ -18,11 +19,13 @@ __all__ = [
     "PENDING_SHAPES",
     "PERMUTE",
     "RESHAPE",
+    "SDPA",
     "SPLIT",
     "UNBIND",
     "is_last_dim",
     "op_of",
     "parts_axis",
+    "parts_taken_apart",
     "rank",
     "shape_args",
     "shape_of",
@@ -37,6 +40,7 @@ CHUNK = ("chunk", torch.chunk, torch.Tensor.chunk, _ATEN.chunk.default)
 UNBIND = ("unbind", torch.unbind, torch.Tensor.unbind, _ATEN.unbind.int)
 RESHAPE = ("view", "reshape", torch.reshape, torch.Tensor.view, torch.Tensor.reshape,
            _ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default)
+SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 PERMUTE = ("permute", torch.permute, torch.Tensor.permute, _ATEN.permute.default)
 ADD = ("add", "add_", torch.add, operator.add, operator.iadd, torch.Tensor.add, _ATEN.add.Tensor)
 
@@ -168,6 +172,38 @@ def split_sections(user: fx.Node, source: fx.Node, features: int, axis: tuple[in
         return [features // amount] * amount if isinstance(amount, int) and features % amount == 0 else None
     size = static_int(amount, known)
     return [size] * (features // size) if size and features % size == 0 else None
+
+
+def parts_taken_apart(reshape: fx.Node, axis: int) -> tuple[fx.Node | None, fx.Node] | None:
+    """``(permute or None, node whose int-indexed users take the parts)`` when the parts ``axis`` of
+    ``reshape`` is taken apart right away: an optional ``permute`` bringing it first, then ``unbind`` on it
+    or ``[i]``. None otherwise: a reshape whose axis goes on (into attention, as heads) does not make parts.
+    """
+    size = len(shape_args(reshape))
+    if len(reshape.users) != 1:
+        return None
+    (nxt,) = reshape.users
+    permute = None
+    if op_of(nxt) in PERMUTE:
+        if [p % size for p in shape_args(nxt)][:1] != [axis]:
+            return None
+        permute, selector, position = nxt, nxt, 0
+    else:
+        selector, position = reshape, axis
+    select = list(selector.users)
+    if len(select) == 1 and op_of(select[0]) in UNBIND:
+        unbind = select[0]
+        dim = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
+        if dim % size != position:
+            return None
+        indexed = unbind
+    elif position == 0:
+        indexed = selector
+    else:
+        return None
+    if not indexed.users or not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in indexed.users):
+        return None
+    return permute, indexed
 
 
 def parts_axis(values: list[int | None], parts: int, part_size: int) -> int | None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fx_shard.ops import batched_matmul, einsum_attention
 from fx_shard.passes.utils import result
+from fx_shard.patterns import SDPA
 
 __all__ = ["AttentionToEinsum"]
 
-_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
 
@@ -32,7 +31,7 @@ class AttentionToEinsum(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         modified = False
         for node in graph_module.graph.nodes:
-            if node.op == "call_function" and node.target in _SDPA:
+            if node.op == "call_function" and node.target in SDPA:
                 node.target = einsum_attention
                 modified = True
             elif (node.op == "call_function" and node.target in (operator.matmul, torch.matmul)) or (

@@ -15,12 +15,11 @@ from fx_shard.passes.utils import erase_if_dead, provenance, result
 from fx_shard.patterns import (
     ADD,
     CHUNK,
-    PERMUTE,
     RESHAPE,
     SPLIT,
-    UNBIND,
     bias_added,
     op_of,
+    parts_taken_apart,
     rank,
     reshape_parts_axis,
     shape_args,
@@ -171,31 +170,11 @@ def _rewire_heads_reshape(graph: fx.Graph, user: fx.Node, cat: fx.Node, parts: l
     axis = reshape_parts_axis(user, cat, sum(sizes), len(sizes), sizes[0])
     if axis is None:
         return False
-    follow = list(user.users)
-    if len(follow) != 1:
+    taken = parts_taken_apart(user, axis)
+    if taken is None:
         return False
-    (nxt,) = follow
-    perm = None
-    if op_of(nxt) in PERMUTE:
-        perm = [p % len(shape) for p in shape_args(nxt)]
-        if perm[0] != axis:
-            return False
-        selector, position = nxt, 0
-    else:
-        selector, position = user, axis
-    select = list(selector.users)
-    if len(select) == 1 and op_of(select[0]) in UNBIND:
-        unbind = select[0]
-        dim = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
-        if dim % len(shape) != position:
-            return False
-        indexed = unbind
-    elif position == 0:
-        indexed = selector
-    else:
-        return False
-    if not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in indexed.users):
-        return False
+    nxt, indexed = taken
+    perm = [p % len(shape) for p in shape_args(nxt)] if nxt is not None else None
     new_shape = shape[:axis] + shape[axis + 1:]
     kept_perm = [p - (p > axis) for p in perm[1:]] if perm is not None else None
     replacements = []

@@ -177,3 +177,17 @@ def test_an_nn_softmax_over_the_keys_keeps_the_heads_local():
     layers = root.meta[SHARDING_KEY].layers
     assert [layers[f"qkv.{p}"].style for p in "qkv"] == ["colwise"] * 3 and layers["proj"].style == "rowwise"
     torch.testing.assert_close(root(x), model(x))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 3])
+@pytest.mark.parametrize("repeat", ["expand", "interleave"])
+def test_a_heads_view_with_2_or_3_kv_heads_is_heads_not_fused_parts(repeat, kv_heads):
+    """``view(b, t, 2, head_dim)`` then attention (Meta's Llama, gpt-fast): k/v are plain column-parallel
+    layers; 2 or 3 parts would need the axis taken apart (unbind, [i]) as a fused layer's is."""
+    from tests.toy import RepeatedKvAttention, seeded
+
+    model, x = seeded(RepeatedKvAttention, repeat, dim=48, heads=6, kv_heads=kv_heads), torch.randn(2, 5, 48)
+    root = fx_shard.transform(model, "auto", mesh_shape={"tp": kv_heads}, example_inputs=(x,))
+    layers = root.meta[SHARDING_KEY].layers
+    assert {path: r.style for path, r in layers.items()} == {"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise"}
+    torch.testing.assert_close(root(x), model(x))

@@ -127,6 +127,35 @@ class GQAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
+class RepeatedKvAttention(nn.Module):
+    """Grouped-query attention as Meta's reference Llama / torchtitan (``repeat="expand"``: heads at dim 2,
+    ``[:, :, :, None].expand().reshape()``) and gpt-fast (``"interleave"``: ``repeat_interleave``) write it."""
+
+    def __init__(self, repeat: str, dim: int = 32, heads: int = 8, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.repeat, self.heads, self.kv_heads, self.hd = repeat, heads, kv_heads, dim // heads
+        self.wq = nn.Linear(dim, heads * self.hd, bias=False)
+        self.wk = nn.Linear(dim, kv_heads * self.hd, bias=False)
+        self.wv = nn.Linear(dim, kv_heads * self.hd, bias=False)
+        self.wo = nn.Linear(heads * self.hd, dim, bias=False)
+
+    def _repeated(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, kv, hd = x.shape
+        n = self.heads // self.kv_heads
+        if self.repeat == "interleave":
+            return torch.repeat_interleave(x, n, dim=2)
+        return x[:, :, :, None, :].expand(b, t, kv, n, hd).reshape(b, t, kv * n, hd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.heads, self.hd)
+        k = self._repeated(self.wk(x).view(b, t, self.kv_heads, self.hd))
+        v = self._repeated(self.wv(x).view(b, t, self.kv_heads, self.hd))
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
 class GroupedQKV(nn.Module):
     """Falcon-style fused QKV laid out per KV group: ``view(B, N, KV, G + 2, hd)``, then split on the group dim."""
 

@@ -190,3 +190,17 @@ def test_auto_plan_on_a_model_with_unusual_names(mesh):
     assert dict(collectives(gm, x)) == {"all-reduce": 2, **ZERO}  # one block: attention and MLP
     with torch.no_grad():
         assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("repeat", ["expand", "interleave"])
+def test_repeated_kv_reaches_the_optimum_with_kv_heads_sharded(repeat, mesh, devices):
+    """Meta's / torchtitan's repeat_kv and gpt-fast's repeat_interleave: 2 KV heads on 2, 4, 8 devices."""
+    import tests.toy
+
+    model, x = tests.toy.seeded(tests.toy.RepeatedKvAttention, repeat, dim=64), torch.randn(2, 5, 64)
+    gm = fx_shard.shard(model, mesh, "auto", example_inputs=(x,))
+    assert dict(collectives(gm, x)) == {"all-reduce": 1, **ZERO}
+    assert local_shapes(gm.get_submodule("wq").weight) == {(64 // devices, 64)}
+    assert local_shapes(gm.get_submodule("wk").weight) == {(8, 64)}  # one KV head of 8 features per device
+    with torch.no_grad():
+        assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
