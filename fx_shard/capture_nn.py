@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["IN_PROJ", "packed_projections_to_modules", "restore_packed_keys", "traceable_form"]
+__all__ = ["IN_PROJ", "packed_projections_to_modules", "restore_packed_keys", "saved_key", "traceable_form"]
 
 IN_PROJ = "in_proj"
 
@@ -218,6 +218,17 @@ def restore_packed_keys(owner: nn.Module) -> None:
     first among the owner's keys as in ``nn.MultiheadAttention``."""
     owner._register_state_dict_hook(_save_packed)
     owner._register_load_state_dict_pre_hook(_load_packed)
+    owner._fx_shard_packed_in_proj = True
+
+
+def saved_key(root: nn.Module, key: str) -> str:
+    """The ``state_dict`` key of tensor ``key`` (a path in ``root``): an ``in_proj`` layer's under its attention's names."""
+    path, _, field = key.rpartition(".")
+    owner, _, name = path.rpartition(".")
+    if name == IN_PROJ and field in ("weight", "bias"):
+        if getattr(root.get_submodule(owner), "_fx_shard_packed_in_proj", False):
+            return f"{owner}.in_proj_{field}" if owner else f"in_proj_{field}"
+    return key
 
 
 def _save_packed(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

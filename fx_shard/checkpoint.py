@@ -38,6 +38,7 @@ from torch import fx, nn
 from fx_shard import xla
 from fx_shard.axes import Spec, axis_names, local_shape
 from fx_shard.capture import generate_code
+from fx_shard.capture_nn import saved_key
 from fx_shard.errors import FxShardError, PlanError
 from fx_shard.sharding import SHARDING_KEY, transformed
 from fx_shard.split_linear import SplitLinear
@@ -187,7 +188,7 @@ def _tensor_groups(gm: fx.GraphModule) -> Iterator[_Group]:
                 if tensor is None:
                     continue
                 name = prefix + field
-                location = split_parts.get(name, _Location(name, name, tuple(tensor.shape)))
+                location = split_parts.get(name, _Location(name, saved_key(gm, name), tuple(tensor.shape)))
                 persistent = is_param or field not in module._non_persistent_buffers_set
                 group = groups.setdefault(id(tensor), {
                     "tensor": tensor, "owners": [], "locations": [], "is_param": is_param, "persistent": False,
@@ -221,7 +222,7 @@ def _split_parts(gm: fx.GraphModule) -> dict[str, _Location]:
             for part_name, size in zip(module.part_names, module.output_sizes):
                 name = f"{prefix}{part_name}.{field}"
                 groups = module.groups
-                locations[name] = _Location(name, prefix + field, tuple(fused_shape), dim, offset // groups, size, groups)
+                locations[name] = _Location(name, saved_key(gm, prefix + field), tuple(fused_shape), dim, offset // groups, size, groups)
                 offset += size
     return locations
 

@@ -335,3 +335,22 @@ def test_load_sharded_is_all_or_nothing(into, mesh, devices, monkeypatch):
     else:
         for key, value in gm.state_dict().items():
             torch.testing.assert_close(value.cpu(), before[key], rtol=0, atol=0, msg=key)
+
+
+def test_load_sharded_reads_nn_multihead_attentions_packed_keys(mesh, devices, tmp_path):
+    """nn.TransformerEncoder's in_proj_weight / in_proj_bias fill the q, k, v parts of its in_proj layer."""
+    from safetensors.torch import save_file
+
+    def encoder(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        layer = torch.nn.TransformerEncoderLayer(64, 8, 128, dropout=0.0, batch_first=True)
+        return torch.nn.Sequential(torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)).eval()
+
+    model, x = encoder(1), torch.randn(2, 5, 64)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    gm = fx_shard.transform(encoder(0).to("meta"), "auto", mesh_shape={"tp": devices})
+    load_sharded(gm, tmp_path, mesh)
+    assert local_shapes(gm.get_submodule("0.layers.0.self_attn.in_proj.k").weight) == {(64 // devices, 64)}
+    with torch.no_grad():
+        assert relative_error(gm(x.to(fx_shard.xla_device())), model(x)) <= 1e-5
+    assert list(gm.state_dict()) == list(model.state_dict())
